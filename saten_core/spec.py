@@ -1,0 +1,63 @@
+"""LayerSpec: the fully resolved compression settings of one linear layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+METHODS = ("saten", "tt", "svd", "prune")
+STRUCTURES = ("unstructured", "2:4")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What `SatenLinear.from_linear` needs to compress one layer.
+
+    method: saten = TT(W^T) + sparse residual; tt = TT only; svd = truncated SVD (TT of order 1);
+    prune = keep `density` of the weights, no low-rank part.
+    """
+
+    method: str = "saten"
+    rank: int | None = None  # cap on every TT bond; None -> eps decides (or exact when eps is None)
+    eps: float | None = None  # TT-SVD relative error bound
+    density: float = 0.0  # fraction of residual (saten) / weight (prune) entries kept
+    structure: str = "unstructured"  # or "2:4" along the input dimension
+    order: int = 2  # modes per side of the tensorisation
+
+    def validate(self, in_features: int | None = None, out_features: int | None = None) -> None:
+        """Raise ValueError naming the first bad value."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {self.structure!r}; expected one of {', '.join(STRUCTURES)}")
+        if self.rank is not None and (isinstance(self.rank, bool) or int(self.rank) != self.rank or self.rank < 1):
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.eps is not None and not (0.0 <= self.eps < 1.0):
+            raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
+        if not (0.0 <= self.density <= 1.0):
+            raise ValueError(f"density must be in [0, 1], got {self.density!r}")
+        if self.order < 1:
+            raise ValueError(f"order must be >= 1, got {self.order!r}")
+        if in_features is not None and out_features is not None:
+            self._validate_shape(in_features, out_features)
+
+    def _validate_shape(self, in_features: int, out_features: int) -> None:
+        max_rank = min(in_features, out_features)
+        if self.rank is not None and self.rank > max_rank:
+            raise ValueError(
+                f"rank {self.rank} exceeds the maximum {max_rank} for a {out_features}x{in_features} layer"
+            )
+        if self.structure == "2:4" and in_features % 4:
+            raise ValueError(f"2:4 structure needs an input width divisible by 4, got {in_features}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LayerSpec field(s): {', '.join(sorted(unknown))}")
+        spec = cls(**d)
+        spec.validate()
+        return spec
