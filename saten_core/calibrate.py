@@ -1,0 +1,109 @@
+"""Activation statistics: the input second moment X^T X of every linear layer, from a calibration text.
+
+Activation-aware compression (whitened low-rank, activation-scored residuals) needs to know which input
+directions a layer actually sees; a weight-only decomposition treats all directions alike and, on
+SmolLM2-135M, destroys the model (see shared findings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Progress = Callable[[str, float, str], None]
+
+
+@dataclass
+class InputStats:
+    """Second moment of a layer's inputs: xtx = sum_t x_t x_t^T (in, in), accumulated in float64."""
+
+    xtx: torch.Tensor  # (in, in) float64, on the device the activations came from
+    tokens: int
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        """||X[:, j]|| over the calibration tokens, the Wanda-style input importance. # (in,)"""
+        return self.xtx.diagonal().clamp_min(0).sqrt()
+
+    def second_moment(self) -> torch.Tensor:
+        """Mean x x^T (in, in), comparable across token counts."""
+        return self.xtx / max(self.tokens, 1)
+
+
+def _hook(stats: dict[str, InputStats], name: str) -> Callable:
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)  # (T, in)
+        entry = stats.get(name)
+        if entry is None:
+            stats[name] = InputStats(x.T @ x, x.shape[0])
+        else:
+            entry.xtx += x.T @ x
+            entry.tokens += x.shape[0]
+
+    return record
+
+
+def token_windows(tokenizer, text: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Tokenise `text` and cut its first `tokens` tokens into windows of at most seq_len (1, L) each."""
+    if tokens < 1 or seq_len < 1:
+        raise ValueError(f"tokens and seq_len must be >= 1, got tokens={tokens}, seq_len={seq_len}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < tokens:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than the {tokens} requested")
+    ids = ids[:tokens]
+    return [ids[i : i + seq_len].unsqueeze(0) for i in range(0, tokens, seq_len)]
+
+
+@torch.inference_mode()
+def collect_input_stats(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    layers: list[tuple[str, nn.Module]],
+    *,
+    tokens: int = 4096,
+    seq_len: int = 512,
+    progress: Progress | None = None,
+) -> dict[str, InputStats]:
+    """Stream `tokens` tokens of `text` through `model` and return InputStats per named layer.
+
+    Example:
+        stats = collect_input_stats(m, tok, calib_text, linear_layers(m), tokens=2048)
+        L = whitening_factor(stats["model.layers.0.mlp.up_proj"])
+    """
+    if not layers:
+        raise ValueError("no layers to calibrate")
+    windows = token_windows(tokenizer, text, tokens, seq_len)
+    stats: dict[str, InputStats] = {}
+    handles = [m.register_forward_hook(_hook(stats, name)) for name, m in layers]
+    device = next(model.parameters()).device
+    try:
+        for i, window in enumerate(windows):
+            model(input_ids=window.to(device))
+            if progress:
+                progress("calibrate", (i + 1) / len(windows), f"calibration window {i + 1}/{len(windows)}")
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def whitening_factor(stats: InputStats, damp: float = 1e-2) -> torch.Tensor:
+    """Lower-triangular L with L L^T = C + damp * mean(diag C) * I, C the mean input second moment.
+
+    ||X^T E||_F = ||L^T E||_F, so decomposing L^T W^T minimises the layer's *output* error. The damping keeps
+    L invertible when some input directions are never excited. Returned in float64. # (in, in)
+    """
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    c = stats.second_moment()
+    ridge = damp * c.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(c + ridge * (10**attempt) * eye)
+        if int(info) == 0:
+            return factor
+    raise ValueError(f"input second moment is not positive definite even with damping {damp * 1e5}")

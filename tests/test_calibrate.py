@@ -1,0 +1,59 @@
+"""Run: .venv/bin/python -m pytest -q tests/test_calibrate.py"""
+
+import pytest
+import torch
+from torch import nn
+
+from saten_core.calibrate import InputStats, collect_input_stats, token_windows, whitening_factor
+
+
+class _Tok:
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return {"input_ids": torch.tensor([[ord(c) % 50 for c in text]])}
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.a = nn.Linear(8, 12)
+        self.b = nn.Linear(12, 8)
+
+    def forward(self, input_ids):
+        return self.b(torch.relu(self.a(self.emb(input_ids))))
+
+
+def test_second_moment_matches_explicit_inputs():
+    torch.manual_seed(0)
+    m = _Tiny()
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    stats = collect_input_stats(m, _Tok(), text, [("a", m.a), ("b", m.b)], tokens=100, seq_len=32)
+    ids = _Tok()(text)["input_ids"][0, :100]
+    x = m.emb(ids).detach().double()
+    assert stats["a"].tokens == 100
+    torch.testing.assert_close(stats["a"].xtx, x.T @ x)
+    assert stats["b"].xtx.shape == (12, 12)
+    torch.testing.assert_close(stats["a"].column_norms, x.norm(dim=0))
+
+
+def test_whitening_factor_reproduces_covariance_and_handles_rank_deficiency():
+    x = torch.randn(500, 6, dtype=torch.float64)
+    x[:, 5] = 0  # a dead input direction
+    s = InputStats(x.T @ x, 500)
+    low = whitening_factor(s)
+    c = s.second_moment()
+    assert torch.allclose(low @ low.T, c + 1e-2 * c.diagonal().mean() * torch.eye(6), atol=1e-10)
+    assert torch.all(low.diagonal() > 0)
+
+
+@pytest.mark.parametrize("text,tokens", [("", 10), ("short", 100)])
+def test_too_short_or_empty_text_is_a_clear_error(text, tokens):
+    with pytest.raises(ValueError, match="fewer than"):
+        token_windows(_Tok(), text, tokens, 16)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        token_windows(_Tok(), "abc", 2, 0)
+    with pytest.raises(ValueError, match="damp"):
+        whitening_factor(InputStats(torch.eye(3, dtype=torch.float64), 1), damp=-1)
