@@ -1,0 +1,76 @@
+"""Cost model tests. Run: .venv/bin/python -m pytest -q tests/test_roi.py"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from saten_core.roi import GIB, HOURS_PER_MONTH, Measured, RoiInputs, compute_roi, replicas_needed, roi_table
+
+
+def _measured(**kw) -> Measured:
+    base = dict(bytes_original=4 * GIB, bytes_compressed=2 * GIB, decode_s_original=0.02, decode_s_compressed=0.01,
+                ppl_original=15.0, ppl_compressed=16.5, device="cpu")
+    base.update(kw)
+    return Measured(**base)
+
+
+def test_faster_model_needs_fewer_replicas_and_saves_money():
+    inputs = RoiInputs(current_replicas=4, engineering_days=10, day_rate=800)
+    r = compute_roi(inputs, _measured())
+    assert r.speedup == pytest.approx(2.0)
+    assert r.compressed.replicas == 2 and r.original.replicas == 4
+    gpu_month = inputs.gpu_price_per_hour * HOURS_PER_MONTH
+    assert r.monthly_saving == pytest.approx(2 * gpu_month)
+    assert r.payback_months == pytest.approx(8000 / (2 * gpu_month))
+    assert r.compressed.memory_per_replica_gib == pytest.approx(2 + inputs.overhead_gib)
+    assert r.ppl_ratio == pytest.approx(1.1)
+    assert r.size_ratio == pytest.approx(0.5)
+
+
+def test_slower_model_costs_more_and_never_pays_back():
+    r = compute_roi(RoiInputs(current_replicas=3), _measured(decode_s_compressed=0.04))
+    assert r.speedup < 1
+    assert r.compressed.replicas == 6
+    assert r.monthly_saving < 0 and r.payback_months is None
+
+
+def test_cost_per_million_tokens_follows_traffic():
+    inputs = RoiInputs(requests_per_day=1000, tokens_per_request=1000, current_replicas=1)
+    r = compute_roi(inputs, _measured(decode_s_compressed=0.02))
+    tokens_month = 1e6 * HOURS_PER_MONTH / 24
+    assert r.original.cost_per_million_tokens == pytest.approx(r.original.monthly_cost / tokens_month * 1e6)
+
+
+def test_model_bigger_than_gpu_takes_several_gpus():
+    r = compute_roi(RoiInputs(gpu_memory_gib=16, overhead_gib=2, current_replicas=1),
+                    _measured(bytes_original=40 * GIB, bytes_compressed=10 * GIB, decode_s_compressed=0.02))
+    assert r.original.gpus_per_replica == 3 and r.compressed.gpus_per_replica == 1
+    assert r.original.gpus == 3 and r.compressed.gpus == 1
+
+
+def test_replicas_needed_rounds_up_and_keeps_one():
+    assert replicas_needed(3, 1.5) == 2
+    assert replicas_needed(3, 1.4) == 3
+    assert replicas_needed(1, 10.0) == 1
+
+
+@pytest.mark.parametrize("field,value", [("gpu_price_per_hour", 0), ("requests_per_day", -1),
+                                         ("current_replicas", 0), ("current_replicas", 1.5), ("day_rate", -5)])
+def test_bad_inputs_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        compute_roi(dataclasses.replace(RoiInputs(), **{field: value}), _measured())
+
+
+def test_bad_measurement_names_the_field():
+    with pytest.raises(ValueError, match="decode_s_compressed"):
+        compute_roi(RoiInputs(), _measured(decode_s_compressed=0))
+
+
+def test_table_and_assumptions_mention_inputs():
+    inputs = RoiInputs(gpu="NVIDIA T4 (16 GB)", overhead_gib=3)
+    r = compute_roi(inputs, _measured())
+    assert [row["metric"] for row in roi_table(r)][0].startswith("Memory per replica")
+    text = " ".join(r.assumptions)
+    assert "NVIDIA T4" in text and "3 GiB" in text and "cpu" in text
