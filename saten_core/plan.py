@@ -1,0 +1,282 @@
+"""Plan: one model-wide compression recipe, its JSON round trip, per-layer resolution and the dry run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+from saten_core.spec import METHODS, STRUCTURES, LayerSpec
+
+
+@dataclass
+class Override:
+    """Per-layer exception to the plan, matched by an fnmatch pattern on the layer name.
+
+    Fields left None fall back to the plan. Setting `rank` or `eps` replaces both of the plan's
+    (they are two ways of choosing the same low-rank part). `skip=True` keeps the layer dense.
+    """
+
+    pattern: str
+    rank: int | None = None
+    eps: float | None = None
+    density: float | None = None
+    skip: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value; reuse LayerSpec's checks for the numbers."""
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"override pattern must be a non-empty string, got {self.pattern!r}")
+        LayerSpec(rank=self.rank, eps=self.eps, density=0.0 if self.density is None else self.density).validate()
+
+
+@dataclass
+class Plan:
+    """A model-wide recipe: which layers to compress and how (resolved per layer by `layer_spec`).
+
+    Example:
+        plan = Plan(method="saten", target_ratio=0.8)      # keep 80% of every block linear's bytes
+        Plan.from_json(plan.to_json()) == plan               # True
+        layer_spec(plan, "model.layers.0.mlp.up_proj", 576, 1536, torch.float32)
+    """
+
+    method: str = "saten"  # saten | tt | svd | prune
+    structure: str = "unstructured"  # or "2:4" (residual / pruning mask along the input dimension)
+    rank: int | None = None  # cap on every TT bond (svd: the matrix rank)
+    eps: float | None = None  # TT-SVD relative error bound (alternative to rank)
+    density: float = 0.0  # fraction of residual (saten) or weight (prune) entries kept
+    target_ratio: float | None = None  # fraction of each layer's dense bytes to keep; picks rank/density
+    lowrank_share: float = 0.5  # saten + target_ratio: share of the kept bytes given to the TT part
+    order: int = 2  # modes per side of the tensorisation (svd always uses 1)
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    overrides: list[Override] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> Plan:
+        """Parse and validate; unknown keys are an error so a typo never silently does nothing."""
+        d = json.loads(s)
+        if not isinstance(d, dict):
+            raise ValueError(f"plan JSON must be an object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        _reject_unknown(d, cls, "plan")
+        d = dict(d)
+        overrides = d.pop("overrides", [])
+        if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+            raise ValueError(f"plan overrides must be a list of objects, got {overrides!r}")
+        for o in overrides:
+            _reject_unknown(o, Override, "override")
+        plan = cls(**d, overrides=[Override(**o) for o in overrides])
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value (shape-free checks only)."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {self.structure!r}; expected one of {', '.join(STRUCTURES)}")
+        LayerSpec(rank=self.rank, eps=self.eps, density=self.density, order=self.order).validate()
+        if self.target_ratio is not None:
+            if isinstance(self.target_ratio, bool) or not (0.0 < self.target_ratio <= 1.0):
+                raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio!r}")
+            if self.rank is not None or self.eps is not None:
+                raise ValueError("target_ratio picks the rank itself; drop rank/eps from the plan (use overrides)")
+        if not (0.0 < self.lowrank_share <= 1.0):
+            raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"{name} must be a list of patterns, got {patterns!r}")
+        for o in self.overrides:
+            if not isinstance(o, Override):
+                raise ValueError(f"override must be an Override, got {o!r}")
+            o.validate()
+
+
+def _reject_unknown(d: dict, cls: type, what: str) -> None:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} key(s): {', '.join(sorted(unknown))}")
+
+
+def selected(plan: Plan, name: str) -> bool:
+    """True when `name` matches an include pattern and no exclude pattern."""
+    return any(fnmatchcase(name, p) for p in plan.include) and not any(fnmatchcase(name, p) for p in plan.exclude)
+
+
+def matching_override(plan: Plan, name: str) -> Override | None:
+    """The last override whose pattern matches `name` (later entries win)."""
+    hits = [o for o in plan.overrides if fnmatchcase(name, o.pattern)]
+    return hits[-1] if hits else None
+
+
+def layer_spec(plan: Plan, name: str, in_features: int, out_features: int, dtype: Any) -> LayerSpec | None:
+    """Resolve the plan for one layer; None means the layer stays a dense nn.Linear.
+
+    Raises ValueError (naming the layer) when the resolved settings do not fit its shape or budget.
+    """
+    if not selected(plan, name):
+        return None
+    override = matching_override(plan, name)
+    if override is not None and override.skip:
+        return None
+    base = _base_spec(plan, override)
+    try:
+        spec = base
+        if plan.target_ratio is not None:
+            spec = _fit_budget(plan, base, override, in_features, out_features, dtype)
+        spec.validate(in_features, out_features)
+    except ValueError as e:
+        raise ValueError(f"layer {name}: {e}") from None
+    return spec
+
+
+def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
+    """Plan values with the override's non-None fields applied, method semantics normalised."""
+    rank, eps, density = plan.rank, plan.eps, plan.density
+    if override is not None:
+        if override.rank is not None or override.eps is not None:
+            rank, eps = override.rank, override.eps
+        if override.density is not None:
+            density = override.density
+    order = 1 if plan.method == "svd" else plan.order
+    if plan.method in ("tt", "svd"):
+        density = 0.0
+    if plan.method == "prune":
+        rank, eps = None, None
+    if plan.structure == "2:4" and plan.method in ("saten", "prune"):
+        density = 0.5
+    return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order)
+
+
+def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:
+    """Bytes of the dense weight at `dtype` (bias excluded: it is identical before and after)."""
+    return in_features * out_features * dtype.itemsize
+
+
+def _fit_budget(plan: Plan, base: LayerSpec, override: Override | None, n_in: int, n_out: int, dtype) -> LayerSpec:
+    """Pick the free rank / density so predict_bytes fits target_ratio * dense bytes (largest that fits)."""
+    budget = int(plan.target_ratio * dense_weight_bytes(n_in, n_out, dtype))
+    rank_fixed = override is not None and (override.rank is not None or override.eps is not None)
+    density_fixed = (override is not None and override.density is not None) or plan.structure == "2:4"
+    if base.method in ("svd", "tt"):
+        return base if rank_fixed else _largest_rank(base, budget, n_in, n_out, dtype, plan.target_ratio)
+    if base.method == "prune":
+        if density_fixed:
+            return _check_fits(base, budget, n_in, n_out, dtype, plan.target_ratio)
+        return _largest_density(base, budget, n_in, n_out, dtype, plan.target_ratio)
+    return _fit_saten(plan, base, budget, rank_fixed, density_fixed, n_in, n_out, dtype)
+
+
+def _fit_saten(plan: Plan, base: LayerSpec, budget: int, rank_fixed: bool, density_fixed: bool,
+               n_in: int, n_out: int, dtype) -> LayerSpec:
+    """Saten: TT part gets lowrank_share of the budget, the residual the rest (fixed parts take theirs first)."""
+    ratio = plan.target_ratio
+    if rank_fixed and density_fixed:
+        return _check_fits(base, budget, n_in, n_out, dtype, ratio)
+    if rank_fixed:
+        return _largest_density(base, budget, n_in, n_out, dtype, ratio)
+    if density_fixed:
+        return _largest_rank(base, budget, n_in, n_out, dtype, ratio)
+    tt_only = replace(base, method="tt", density=0.0)
+    tt = _largest_rank(tt_only, int(plan.lowrank_share * budget), n_in, n_out, dtype, ratio)
+    return _largest_density(replace(base, rank=tt.rank), budget, n_in, n_out, dtype, ratio)
+
+
+def _predict(spec: LayerSpec, n_in: int, n_out: int, dtype) -> int:
+    from saten_core.layer import predict_bytes
+
+    got = predict_bytes(n_in, n_out, spec, dtype)
+    if got is None:
+        raise ValueError(f"eps {spec.eps!r} decides the rank, so bytes cannot be predicted for target_ratio")
+    return got
+
+
+def _largest_feasible(lo: int, hi: int, fits) -> int | None:
+    """Largest k in [lo, hi] with fits(k) true, assuming fits is monotone (true then false); None if none."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _max_useful_rank(spec: LayerSpec, n_in: int, n_out: int) -> int:
+    """Largest rank cap that still changes something: the biggest exact bond of the tensorisation."""
+    from saten_core.tensorize import tensorized_shape
+    from saten_core.tt import capped_ranks
+
+    in_modes, out_modes = tensorized_shape(n_in, n_out, spec.order)
+    return max(1, max(capped_ranks(in_modes + out_modes, None)))
+
+
+def _largest_rank(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, ratio: float) -> LayerSpec:
+    hi = min(_max_useful_rank(spec, n_in, n_out), n_in, n_out)
+    rank = _largest_feasible(1, hi, lambda r: _predict(replace(spec, rank=r), n_in, n_out, dtype) <= budget)
+    if rank is None:
+        raise ValueError(f"target_ratio {ratio} is too small: even rank 1 ({spec.method}, density "
+                         f"{spec.density}, {spec.structure}) exceeds {budget} bytes")
+    return replace(spec, rank=rank, eps=None)
+
+
+def _largest_density(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, ratio: float) -> LayerSpec:
+    numel = n_in * n_out
+    nnz = _largest_feasible(0, numel, lambda k: _predict(replace(spec, density=k / numel), n_in, n_out, dtype)
+                            <= budget)
+    if nnz is None:
+        raise ValueError(f"target_ratio {ratio} is too small for {spec.method} at rank {spec.rank}: "
+                         f"the low-rank part alone exceeds {budget} bytes")
+    return replace(spec, density=nnz / numel)
+
+
+def _check_fits(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, ratio: float) -> LayerSpec:
+    got = _predict(spec, n_in, n_out, dtype)
+    if got > budget:
+        hint = " (Saten/prune 2:4 can never go below ~50% of a layer)" if spec.structure == "2:4" else ""
+        raise ValueError(f"target_ratio {ratio} cannot be met with {spec.structure} {spec.method}: "
+                         f"needs {got} bytes > budget {budget}{hint}")
+    return spec
+
+
+def dry_run(model: Any, plan: Plan) -> list[dict]:
+    """One row per block linear: what the plan would do, with exact predicted bytes; the model is untouched."""
+    from saten_core.models import linear_layers
+
+    plan.validate()
+    return [_dry_row(plan, name, lin) for name, lin in linear_layers(model)]
+
+
+def _dry_row(plan: Plan, name: str, lin: Any) -> dict:
+    dtype = lin.weight.dtype
+    spec = layer_spec(plan, name, lin.in_features, lin.out_features, dtype)
+    bias = lin.bias.numel() * lin.bias.element_size() if lin.bias is not None else 0
+    before = dense_weight_bytes(lin.in_features, lin.out_features, dtype) + bias
+    predicted = before
+    if spec is not None:
+        weight = _predict_or_none(spec, lin.in_features, lin.out_features, dtype)
+        predicted = None if weight is None else weight + bias
+    return {"name": name, "shape": [lin.out_features, lin.in_features], "changed": spec is not None,
+            "spec": None if spec is None else spec.to_dict(), "bytes_before": before, "predicted_bytes": predicted}
+
+
+def _predict_or_none(spec: LayerSpec, n_in: int, n_out: int, dtype) -> int | None:
+    from saten_core.layer import predict_bytes
+
+    return predict_bytes(n_in, n_out, spec, dtype)
+
+
+def dry_run_totals(rows: list[dict]) -> dict:
+    """Sum a dry run: layers changed, bytes before, predicted bytes (None if any layer is eps-driven)."""
+    predicted = [r["predicted_bytes"] for r in rows]
+    return {"layers": len(rows), "layers_changed": sum(r["changed"] for r in rows),
+            "bytes_before": sum(r["bytes_before"] for r in rows),
+            "predicted_bytes": None if any(p is None for p in predicted) else sum(predicted)}
