@@ -74,3 +74,37 @@ def test_table_and_assumptions_mention_inputs():
     assert [row["metric"] for row in roi_table(r)][0].startswith("Memory per replica")
     text = " ".join(r.assumptions)
     assert "NVIDIA T4" in text and "3 GiB" in text and "cpu" in text
+
+
+def _report_input(**kw):
+    import pandas as pd
+
+    from saten_core import charts
+    from saten_core.report import ReportInput
+
+    fig = charts.spectrum_chart(charts.spectrum_frame([3.0, 2.0, 1.0]), rank=2, title="Spectrum of q_proj")
+    runs = pd.DataFrame({"run": ["job 1"], "method": ["saten"], "ppl": [16.5], "bytes": [2 * GIB]})
+    base = dict(title="Saten PoC", run_label="job 1 <saten>", roi=compute_roi(RoiInputs(), _measured()),
+                runs=runs, figures=[fig], caveats=["tiny demo run"])
+    base.update(kw)
+    return ReportInput(**base)
+
+
+def test_markdown_report_has_table_assumptions_and_caveats():
+    from saten_core.report import to_markdown
+
+    md = to_markdown(_report_input())
+    assert md.startswith("# Saten PoC")
+    assert "| Memory per replica (GiB) |" in md and "| job 1 | saten | 16.5 |" in md
+    assert "## Assumptions" in md and "tiny demo run" in md and "Spectrum of q_proj" in md
+    assert "SLOWER" not in md
+
+
+def test_html_report_is_self_contained_escaped_and_flags_slow_models():
+    from saten_core.report import to_html
+
+    slow = compute_roi(RoiInputs(), _measured(decode_s_compressed=0.05))
+    page = to_html(_report_input(roi=slow))
+    assert page.startswith("<!doctype html>") and "plotly" in page.lower()
+    assert "job 1 &lt;saten&gt;" in page and "<saten>" not in page
+    assert "SLOWER" in page and "slower than the original" in page
