@@ -1,0 +1,23 @@
+"""Background compression jobs: a durable SQLite queue (store) and the process that runs it (worker).
+
+Example:
+    from saten_core import jobs
+    job_id = jobs.submit("smollm2-135m", plan.to_json(), evaluate=True)
+    jobs.ensure_worker()                 # detached worker process, survives the dashboard
+    jobs.get_job(job_id).status          # queued -> running -> succeeded | failed | cancelled
+"""
+
+from saten_core.jobs.store import (
+    FINAL_STATUSES,
+    STATUSES,
+    Job,
+    get_job,
+    list_jobs,
+    recover_stale,
+    request_cancel,
+    submit,
+)
+from saten_core.jobs.worker import ensure_worker, job_dir, run_worker
+
+__all__ = ["FINAL_STATUSES", "STATUSES", "Job", "ensure_worker", "get_job", "job_dir", "list_jobs",
+           "recover_stale", "request_cancel", "run_worker", "submit"]

@@ -1,0 +1,124 @@
+"""The `jobs` sub-command group of the CLI: submit, list, show, cancel and run the worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from saten_core.jobs import store, worker
+
+SUMMARY_COLUMNS = ("id", "status", "model_ref", "stage", "fraction", "device_used", "ppl", "bytes_after", "error")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `jobs {submit,list,show,cancel,worker}` to the main CLI; each handler returns an exit code."""
+    jobs = subparsers.add_parser("jobs", help="background compression jobs (queue, worker, status)")
+    sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = sub.add_parser("submit", help="queue a compression job")
+    p.add_argument("--model", required=True, help="registry name, local HF folder or hub id")
+    p.add_argument("--plan", required=True, help="plan JSON file (python -m saten_core plan ... --out plan.json)")
+    p.add_argument("--eval", action="store_true", help="evaluate the compressed model after compressing")
+    p.add_argument("--device", default="auto", help="auto (CUDA when the worker has it), cpu, cuda, cuda:N")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="fail the job after S seconds")
+    p.add_argument("--json", action="store_true", help='print {"id": ...}')
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("list", help="jobs, newest first")
+    p.add_argument("--status", choices=store.STATUSES, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("show", help="one job with its progress, metrics and error")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("cancel", help="cancel a queued job, or stop a running one at the next layer")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("worker", help="run queued jobs one at a time (foreground)")
+    p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="S", help="exit after S seconds with no jobs")
+    p.set_defaults(func=cmd_worker)
+
+
+def read_plan_file(path: str) -> str:
+    """The plan file's text; missing -> FileNotFoundError, unreadable text -> ValueError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"plan file {path!r} is not UTF-8 text") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, device=args.device,
+                          time_budget_s=args.time_budget)
+    print(json.dumps({"id": job_id}) if args.json else f"queued job {job_id}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store.recover_stale()
+    jobs = store.list_jobs(status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps([j.to_dict() for j in jobs], indent=2))
+    else:
+        print(format_table([summary(j) for j in jobs]))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store.recover_stale()
+    job = store.get_job(args.id)
+    if args.json:
+        print(json.dumps(job.to_dict(), indent=2))
+        return 0
+    for key, value in job.to_dict().items():
+        if value is not None and key not in ("plan_json", "result_json"):
+            print(f"{key:20s} {_fmt(key, value)}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = store.request_cancel(args.id)
+    print(f"job {job.id} cancelled" if job.status == "cancelled" else f"job {job.id}: cancel requested, "
+          "the worker stops it at the next layer")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Foreground worker; SIGTERM ends it like Ctrl-C, so the running job is recorded instead of going stale."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ran = worker.run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    print(f"worker ran {ran} job(s)", file=sys.stderr)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def summary(job: store.Job) -> dict:
+    return {k: getattr(job, k) for k in SUMMARY_COLUMNS}
+
+
+def _fmt(key: str, value: object) -> str:
+    if key.endswith("_at") and isinstance(value, float):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain fixed-width table for terminals; --json is the stable format for scripts."""
+    if not rows:
+        return "no jobs"
+    cells = [[_fmt(k, v) if v is not None else "" for k, v in r.items()] for r in rows]
+    header = list(rows[0])
+    widths = [max(len(h), *(len(c[i][:60]) for c in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c[:60].ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
