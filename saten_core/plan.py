@@ -249,10 +249,12 @@ def _check_fits(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, rati
 
 def dry_run(model: Any, plan: Plan) -> list[dict]:
     """One row per block linear: what the plan would do, with exact predicted bytes; the model is untouched."""
+    from torch import nn
+
     from saten_core.models import linear_layers
 
-    plan.validate()
-    return [_dry_row(plan, name, lin) for name, lin in linear_layers(model)]
+    plan.validate()  # layers already compressed are not rows: a plan applies to dense layers only
+    return [_dry_row(plan, name, lin) for name, lin in linear_layers(model) if isinstance(lin, nn.Linear)]
 
 
 def _dry_row(plan: Plan, name: str, lin: Any) -> dict:

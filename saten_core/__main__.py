@@ -1,0 +1,296 @@
+"""Command line: `python -m saten_core {models,plan,compress,eval,warm-cache,...}` — parsing and printing only.
+
+Bad input exits 2 with one `error: ...` line on stderr; heavy imports stay inside the handlers so --help is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from saten_core.spec import STRUCTURES
+
+GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
+CLI_METHODS = ("saten", "tt", "svd", "prune")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one `error: ...` line (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail_line(exc: BaseException) -> str:
+    """One line, whatever the exception's message holds."""
+    return "error: " + " ".join(str(exc).split()) if str(exc) else f"error: {type(exc).__name__}"
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our own lines: silence transformers' info/progress chatter and Python warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+
+
+def emit(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- models / warm-cache
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from saten_core.models import list_models
+
+    rows = list_models()
+    if args.json:
+        emit(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:<16} {r['kind']:<8} {r['params'] / 1e6:8.1f}M  {r.get('description', '')}")
+    return 0
+
+
+def cmd_warm_cache(args: argparse.Namespace) -> int:
+    from saten_core.models import warm_cache
+
+    warm_cache()
+    print("model cache ready", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+
+def plan_from_args(args: argparse.Namespace):
+    """Turn the plan flags into a validated Plan (ValueError names the conflicting or bad value)."""
+    from saten_core.plan import Override, Plan
+
+    if args.method == "prune" and (args.rank is not None or args.eps is not None):
+        raise ValueError("prune keeps weights by magnitude: use --density or --target-ratio, not --rank/--eps")
+    if args.method != "prune" and args.target_ratio is None and args.rank is None and args.eps is None:
+        raise ValueError(f"method {args.method} needs one of --target-ratio, --rank or --eps")
+    if args.method == "prune" and args.target_ratio is None and args.density is None and args.structure != "2:4":
+        raise ValueError("method prune needs --density or --target-ratio")
+    overrides = []
+    density = args.density
+    if args.target_ratio is not None and density is not None:
+        if args.method != "saten":
+            raise ValueError(f"--density {density} conflicts with --target-ratio for method {args.method}")
+        overrides, density = [Override(pattern="*", density=density)], None  # fixed density, rank fills the rest
+    plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
+                density=0.0 if density is None else density, target_ratio=args.target_ratio,
+                lowrank_share=args.lowrank_share, order=args.order, overrides=overrides)
+    plan.validate()
+    return plan
+
+
+def allocate(loaded, plan):
+    """Issue 3's budget allocator, when it has landed."""
+    try:
+        module = importlib.import_module("saten_core.allocate")
+    except ModuleNotFoundError as exc:
+        if exc.name == "saten_core.allocate":
+            raise ValueError("--allocate is not available yet") from None
+        raise
+    if plan.target_ratio is None:
+        raise ValueError("--allocate needs --target-ratio")
+    return module.allocate_plan(loaded, plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from saten_core.files import atomic_write_text
+    from saten_core.models import load_model
+    from saten_core.plan import dry_run, dry_run_totals
+
+    plan = plan_from_args(args)
+    if args.allocate and importlib.util.find_spec("saten_core.allocate") is None:
+        raise ValueError("--allocate is not available yet")
+    loaded = load_model(args.model, device="cpu")
+    if args.allocate:
+        plan = allocate(loaded, plan)
+    rows = dry_run(loaded.model, plan)  # validates every layer against the plan before anything is written
+    tot = dry_run_totals(rows)
+    atomic_write_text(args.out, plan.to_json())
+    if args.json:
+        emit({"plan": json.loads(plan.to_json()), "layers": rows, "totals": tot})
+    print(plan_summary(tot, args.out), file=sys.stderr)
+    return 0
+
+
+def plan_summary(tot: dict, out: str) -> str:
+    pred = tot["predicted_bytes"]
+    after = "decided by eps" if pred is None else f"{pred:,} B ({pred / max(tot['bytes_before'], 1):.1%})"
+    return (f"plan written to {out}: {tot['layers_changed']} of {tot['layers']} block linears change; "
+            f"bytes {tot['bytes_before']:,} -> {after}")
+
+
+# ---------------------------------------------------------------- compress / eval
+
+def read_plan(path: str):
+    from saten_core.plan import Plan
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"plan file {path} is not UTF-8 text") from None
+    try:
+        return Plan.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"bad plan file {path}: {' '.join(str(exc).split())}") from None
+
+
+def stderr_progress(stage: str, fraction: float, message: str) -> None:
+    print(f"[{stage} {fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from saten_core.pipeline import check_out_dir, compress_to_dir
+
+    plan = read_plan(args.plan)
+    check_out_dir(args.out)
+    text = read_text_arg(args.text)
+    progress = lambda stage, frac, msg: stage != "load" and stderr_progress(stage, frac, msg)
+    report = compress_to_dir(args.model, plan, args.out, device=args.device, progress=progress,
+                             evaluate=args.eval, text=text, tokens=args.tokens)
+    t = report["totals"]
+    print(f"{t['layers']} layers: {t['bytes_before']:,} -> {t['bytes_after']:,} B ({t['ratio']:.1%}) "
+          f"in {t['seconds']:.1f} s; report: {Path(args.out) / 'report.json'}", file=sys.stderr)
+    if args.json:
+        emit(report)
+    return 0
+
+
+def read_text_arg(path: str | None) -> str | None:
+    from saten_core.corpus import read_text_file
+
+    return None if path is None else read_text_file(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from saten_core.pipeline import evaluate_ref
+
+    text = read_text_arg(args.text)
+    out = evaluate_ref(args.model, text=text, tokens=args.tokens, device=args.device, latency=args.latency)
+    if args.json:
+        emit(out)
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="write a compression plan (and print its dry run)")
+    p.add_argument("--model", required=True, help="registry name, local HF folder or hub id")
+    p.add_argument("--method", required=True, choices=CLI_METHODS)
+    p.add_argument("--structure", default="unstructured", choices=STRUCTURES)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--target-ratio", type=float, help="fraction of each block linear's bytes to keep")
+    size.add_argument("--rank", type=int, help="cap on every TT bond (svd: the matrix rank)")
+    size.add_argument("--eps", type=float, help="TT-SVD relative error bound")
+    p.add_argument("--density", type=float, help="fraction of residual (saten) / weights (prune) kept")
+    p.add_argument("--lowrank-share", type=float, default=0.5, help="saten + target ratio: TT share of bytes")
+    p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
+    p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--json", action="store_true", help="print plan + dry run as JSON on stdout")
+    p.set_defaults(func=cmd_plan)
+
+
+def add_run_parsers(sub) -> None:
+    c = sub.add_parser("compress", help="compress a model with a plan into DIR")
+    c.add_argument("--model", required=True)
+    c.add_argument("--plan", required=True)
+    c.add_argument("--out", required=True, help="new (or empty) folder for the compressed model")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--eval", action="store_true", help="also measure ppl / KL / top-1 against the original")
+    c.add_argument("--text", help="UTF-8 text file for --eval (default: bundled held-out text)")
+    c.add_argument("--tokens", type=positive_int, default=2048)
+    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    c.set_defaults(func=cmd_compress)
+    e = sub.add_parser("eval", help="evaluate a model or a compressed DIR")
+    e.add_argument("--model", required=True, help="model ref or compressed DIR")
+    e.add_argument("--text", help="UTF-8 text file (default: bundled held-out text)")
+    e.add_argument("--tokens", type=positive_int, default=2048)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--latency", action="store_true", help="also time prefill and decode")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m saten_core", description="Saten (sparse augmented tensor network) compression")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    m = sub.add_parser("models", help="list the embedded models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    add_plan_parser(sub)
+    add_run_parsers(sub)
+    w = sub.add_parser("warm-cache", help="dequantise/cache the embedded models once")
+    w.set_defaults(func=cmd_warm_cache)
+    register_groups(sub)
+    return parser
+
+
+def register_groups(sub) -> None:
+    """Sub-command groups other modules contribute, when they exist."""
+    for name in GROUP_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    quiet_libraries()
+    return run_handler(args)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Map failures to exit codes: bad input 2, cancelled 130, anything else 1 — always one line, no traceback."""
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:
+        print(fail_line(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI contract is one line, never a traceback
+        if type(exc).__name__ == "Cancelled":
+            print(fail_line(exc), file=sys.stderr)
+            return 130
+        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

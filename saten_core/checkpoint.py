@@ -1,0 +1,159 @@
+"""Compressed model folders: save (safetensors + plan + report), load without the original, dense HF export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from saten_core.files import atomic_dir
+from saten_core.plan import Plan
+
+WEIGHTS = "model.safetensors"
+REPORT = "report.json"
+PLAN = "plan.json"
+
+
+def is_compressed_dir(ref: str | Path) -> bool:
+    """A compressed DIR is recognised by its report.json + plan.json next to the weights."""
+    folder = Path(ref)
+    return folder.is_dir() and (folder / REPORT).is_file() and (folder / PLAN).is_file()
+
+
+def build_report(loaded: Any, layers: list[dict], **extra: Any) -> dict:
+    """Report dict: per-layer reports, totals and where the model came from (what reloading needs)."""
+    from saten_core.compress import totals
+
+    report = {"source_ref": str(loaded.ref), "name": loaded.name, "kind": loaded.kind,
+              "dtype": str(getattr(loaded, "dtype", torch.float32)).removeprefix("torch."),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "layers": layers, "totals": totals(layers)}
+    report.update(extra)
+    return report
+
+
+def saten_layouts(model: nn.Module) -> dict[str, dict]:
+    """layout() of every SatenLinear, keyed by module name: the skeleton needed to load the state dict."""
+    from saten_core.layer import SatenLinear
+
+    return {name: m.layout() for name, m in model.named_modules() if isinstance(m, SatenLinear)}
+
+
+def save_compressed(loaded: Any, plan: Plan, report: dict | list[dict], out_dir: str | Path) -> dict:
+    """Write DIR atomically: model.safetensors (whole state dict), config, tokenizer, plan.json, report.json.
+
+    `report` is either build_report's dict or the bare list of layer reports. Returns the report written
+    (with `layouts` and `totals.file_bytes` added). A failure leaves no DIR behind.
+    """
+    from safetensors.torch import save_model
+
+    if isinstance(report, list):
+        report = build_report(loaded, report)
+    report = dict(report, layouts=saten_layouts(loaded.model))
+    with atomic_dir(out_dir) as tmp:
+        save_model(loaded.model, str(tmp / WEIGHTS), metadata={"format": "pt", "saten": "1"})
+        loaded.model.config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        report["totals"] = dict(report.get("totals", {}), file_bytes=(tmp / WEIGHTS).stat().st_size)
+        (tmp / PLAN).write_text(plan.to_json(), encoding="utf-8")
+        (tmp / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def read_report(folder: str | Path) -> dict:
+    """report.json of a compressed DIR; a missing or corrupt file names the path."""
+    path = Path(folder) / REPORT
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt report {path}: {e}") from None
+
+
+def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
+    """Rebuild the architecture from config, swap in SatenLinear skeletons, load the weights strictly.
+
+    Example:
+        lm = load_compressed("out/smollm2-80")      # no access to the original weights needed
+        lm.model(**lm.tokenizer("hi", return_tensors="pt")).logits
+    """
+    from safetensors.torch import load_model
+
+    from saten_core.layer import SatenLinear
+    from saten_core.models import LoadedModel, load_config, resolve_device
+
+    folder = Path(folder)
+    if not is_compressed_dir(folder):
+        raise ValueError(f"not a compressed model folder (needs {REPORT} and {PLAN}): {folder}")
+    report, dev = read_report(folder), resolve_device(device)
+    config = load_config(folder)
+    model = _skeleton(config, report["kind"])
+    for name, layout in report.get("layouts", {}).items():
+        _set_submodule(model, name, SatenLinear.from_layout(layout, device="cpu"))
+    load_model(model, str(folder / WEIGHTS), strict=True)
+    model = model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=_tokenizer(folder), name=f"{report['name']} (compressed)",
+                       kind=report["kind"], ref=str(folder), config=config, source_dir=folder, device=dev)
+
+
+def _skeleton(config: Any, kind: str) -> nn.Module:
+    """Architecture with freshly initialised weights; every tensor is overwritten by the strict load."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    return auto.from_config(config, dtype=torch.float32)
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    from saten_core.compress import set_submodule
+
+    set_submodule(model, name, module)
+
+
+def load_any(ref: str, device: str = "cpu") -> Any:
+    """A compressed DIR loads via load_compressed; anything else (registry name, folder, hub id) via models."""
+    from saten_core.models import load_model
+
+    if is_compressed_dir(ref):
+        return load_compressed(ref, device)
+    return load_model(ref, device=device)
+
+
+def merge_dense(model: nn.Module) -> nn.Module:
+    """Replace every SatenLinear by a plain nn.Linear holding to_dense() (and the same bias)."""
+    from saten_core.layer import SatenLinear
+
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, SatenLinear)]:
+        dense = to_linear(m)
+        _set_submodule(model, name, dense)
+    return model
+
+
+def to_linear(m: nn.Module) -> nn.Linear:
+    weight = m.to_dense().detach()
+    bias = getattr(m, "bias", None)
+    lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def export_dense(folder: str | Path, out_dir: str | Path) -> Path:
+    """Merge a compressed DIR into an ordinary HF folder that from_pretrained loads (no saten code needed)."""
+    loaded = load_compressed(folder)
+    model = merge_dense(loaded.model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
