@@ -1,0 +1,165 @@
+"""Plan JSON round trip, validation, override resolution and target-ratio fitting.
+
+Run: .venv/bin/python -m pytest -q tests/test_plan.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saten_core.plan import Override, Plan, dense_weight_bytes, dry_run, dry_run_totals, layer_spec
+from saten_core.spec import LayerSpec
+
+PLANS = [
+    Plan(),
+    Plan(method="saten", rank=8, density=0.1),
+    Plan(method="saten", eps=0.3, density=0.05, structure="unstructured"),
+    Plan(method="saten", target_ratio=0.8, lowrank_share=0.25),
+    Plan(method="saten", structure="2:4", target_ratio=0.9),
+    Plan(method="tt", rank=4, order=3),
+    Plan(method="tt", eps=0.5),
+    Plan(method="svd", rank=16, include=["*mlp*"], exclude=["*down_proj"]),
+    Plan(method="svd", target_ratio=0.5),
+    Plan(method="prune", density=0.3),
+    Plan(method="prune", structure="2:4"),
+    Plan(method="prune", target_ratio=0.6),
+    Plan(method="saten", rank=4, density=0.2,
+         overrides=[Override("*.0.*", rank=2), Override("*q_proj", eps=0.1, density=0.0),
+                    Override("*v_proj", skip=True)]),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=range(len(PLANS)))
+def test_json_round_trip(plan):
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    assert again.to_json() == plan.to_json()
+
+
+@pytest.mark.parametrize("bad, word", [
+    ({"method": "zip"}, "zip"),
+    ({"structure": "3:4"}, "3:4"),
+    ({"rank": 0}, "0"),
+    ({"density": 1.5}, "1.5"),
+    ({"density": -0.1}, "-0.1"),
+    ({"eps": 1.0}, "1.0"),
+    ({"target_ratio": 0.0}, "0.0"),
+    ({"target_ratio": 1.2}, "1.2"),
+    ({"target_ratio": 0.5, "rank": 4}, "rank"),
+    ({"lowrank_share": 0.0}, "0.0"),
+    ({"colour": "red"}, "colour"),
+    ({"overrides": [{"pattern": "*", "rank": -3}]}, "-3"),
+    ({"overrides": [{"pattern": "*", "sizzle": 1}]}, "sizzle"),
+    ({"overrides": [{"pattern": "", "rank": 2}]}, "pattern"),
+    ({"include": "*"}, "include"),
+])
+def test_bad_plans_name_the_value(bad, word):
+    with pytest.raises(ValueError, match=None) as info:
+        Plan.from_json(json.dumps(bad))
+    assert word in str(info.value)
+
+
+def test_from_json_rejects_non_object():
+    with pytest.raises(ValueError, match="object"):
+        Plan.from_json("[1, 2]")
+
+
+def test_include_exclude_and_last_override_wins():
+    plan = Plan(method="saten", rank=8, density=0.1, include=["*mlp*", "*q_proj"], exclude=["*.1.*"],
+                overrides=[Override("*up_proj", rank=4), Override("*.0.mlp.up_proj", density=0.3),
+                           Override("*gate_proj", skip=True)])
+    f32 = torch.float32
+    assert layer_spec(plan, "model.layers.0.self_attn.k_proj", 64, 32, f32) is None  # not included
+    assert layer_spec(plan, "model.layers.1.mlp.up_proj", 64, 128, f32) is None  # excluded
+    assert layer_spec(plan, "model.layers.0.mlp.gate_proj", 64, 128, f32) is None  # skip override
+    # the later, more specific override wins entirely: density from it, rank back to the plan's
+    assert layer_spec(plan, "model.layers.0.mlp.up_proj", 64, 128, f32) == LayerSpec("saten", 8, None, 0.3)
+    assert layer_spec(plan, "model.layers.2.mlp.up_proj", 64, 128, f32) == LayerSpec("saten", 4, None, 0.1)
+    assert layer_spec(plan, "model.layers.0.self_attn.q_proj", 64, 64, f32) == LayerSpec("saten", 8, None, 0.1)
+
+
+def test_eps_override_replaces_rank():
+    plan = Plan(method="tt", rank=8, overrides=[Override("*q_proj", eps=0.2)])
+    assert layer_spec(plan, "a.0.q_proj", 64, 64, torch.float32) == LayerSpec("tt", None, 0.2, 0.0)
+
+
+def test_method_semantics():
+    f32 = torch.float32
+    assert layer_spec(Plan(method="svd", rank=3), "x.0.y", 64, 64, f32).order == 1
+    assert layer_spec(Plan(method="tt", rank=3, density=0.4), "x.0.y", 64, 64, f32).density == 0.0
+    pruned = layer_spec(Plan(method="prune", density=0.4, rank=None), "x.0.y", 64, 64, f32)
+    assert (pruned.rank, pruned.density) == (None, 0.4)
+    assert layer_spec(Plan(method="prune", structure="2:4"), "x.0.y", 64, 64, f32).density == 0.5
+
+
+def test_shape_checks_name_layer_and_value():
+    with pytest.raises(ValueError, match=r"layers\.0\.k_proj.*rank 40"):
+        layer_spec(Plan(rank=40), "layers.0.k_proj", 64, 32, torch.float32)
+    with pytest.raises(ValueError, match="130"):
+        layer_spec(Plan(method="prune", structure="2:4"), "layers.0.down_proj", 130, 64, torch.float32)
+
+
+SHAPES = [(64, 128), (128, 64), (64, 32), (576, 1536), (96, 80)]
+TARGETS = [
+    Plan(method="saten", target_ratio=0.8),
+    Plan(method="saten", target_ratio=0.4, lowrank_share=0.25),
+    Plan(method="saten", target_ratio=0.95, structure="2:4"),
+    Plan(method="saten", target_ratio=0.7, overrides=[Override("*", density=0.05)]),
+    Plan(method="saten", target_ratio=0.7, overrides=[Override("*", rank=2)]),
+    Plan(method="tt", target_ratio=0.5),
+    Plan(method="svd", target_ratio=0.3),
+    Plan(method="prune", target_ratio=0.6),
+]
+
+
+@pytest.mark.parametrize("plan", TARGETS, ids=range(len(TARGETS)))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_target_ratio_never_exceeds_budget_and_is_tight(plan, shape, dtype):
+    """The chosen spec fits the layer's budget, and one step more of the free knob would not."""
+    from saten_core.layer import predict_bytes
+
+    n_in, n_out = shape
+    budget = plan.target_ratio * dense_weight_bytes(n_in, n_out, dtype)
+    spec = layer_spec(plan, "m.layers.0.proj", n_in, n_out, dtype)
+    got = predict_bytes(n_in, n_out, spec, dtype)
+    assert got <= budget
+    if plan.method in ("svd", "tt") and spec.rank < min(n_in, n_out):
+        bigger = predict_bytes(n_in, n_out, LayerSpec(**{**spec.to_dict(), "rank": spec.rank + 1}), dtype)
+        assert bigger > budget or bigger == got  # rank cap saturated the bonds
+    density_free = plan.structure != "2:4" and not any(o.density is not None for o in plan.overrides)
+    if plan.method in ("saten", "prune") and density_free and spec.density < 1.0:
+        step = LayerSpec(**{**spec.to_dict(), "density": spec.density + 1.0 / (n_in * n_out)})
+        assert predict_bytes(n_in, n_out, step, dtype) > budget
+
+
+def test_target_ratio_2_4_too_small_says_so():
+    with pytest.raises(ValueError, match="2:4.*50%"):
+        layer_spec(Plan(method="saten", structure="2:4", target_ratio=0.4), "a.0.b", 64, 64, torch.float32)
+    with pytest.raises(ValueError, match="0.4"):
+        layer_spec(Plan(method="prune", structure="2:4", target_ratio=0.4), "a.0.b", 64, 64, torch.float32)
+
+
+def test_target_ratio_too_small_for_rank_one():
+    with pytest.raises(ValueError, match="target_ratio 0.001"):
+        layer_spec(Plan(method="svd", target_ratio=0.001), "a.0.b", 64, 64, torch.float32)
+
+
+def test_dry_run_leaves_model_untouched(tiny_llama_dir):
+    from saten_core.models import linear_layers, load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    plan = Plan(method="saten", target_ratio=0.7, exclude=["*.1.*"])
+    rows = dry_run(loaded.model, plan)
+    assert [r["name"] for r in rows] == [n for n, _ in linear_layers(loaded.model)]
+    assert all(r["changed"] == (".1." not in r["name"]) for r in rows)
+    for r in rows:
+        assert r["predicted_bytes"] <= r["bytes_before"] * (0.7 if r["changed"] else 1.0)
+    tot = dry_run_totals(rows)
+    assert tot["layers_changed"] == len(rows) // 2 and tot["predicted_bytes"] < tot["bytes_before"]
+    after = loaded.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
