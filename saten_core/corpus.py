@@ -1,0 +1,51 @@
+"""Text for calibration and evaluation: the bundled Python docs corpus, its fixed split, and user text files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_text() -> str:
+    """Python's bundled pydoc topics (ships with every CPython, so it works offline), in sorted key order.
+
+    Example:
+        text = default_text()
+        calibration, held_out = split_text(text)
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(calibration, held_out): first half / second half, cut at the paragraph boundary nearest the middle.
+
+    Fixed and disjoint, so statistics gathered on calibration never leak into the held-out perplexity.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"cannot split an empty text (got {len(text) if isinstance(text, str) else text!r})")
+    middle = len(text) // 2
+    before, after = text.rfind("\n\n", 0, middle), text.find("\n\n", middle)
+    candidates = [c for c in (before, after) if c > 0]
+    cut = min(candidates, key=lambda c: abs(c - middle)) if candidates else middle
+    calibration, held_out = text[:cut].strip(), text[cut:].strip()
+    if not calibration or not held_out:
+        raise ValueError(f"text of {len(text)} characters is too short to split into two parts")
+    return calibration, held_out
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A user's UTF-8 text file; names the byte offset of the first invalid byte so it can be fixed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM is metadata, not text
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8: invalid byte 0x{data[exc.start]:02x} "
+                         f"at byte offset {exc.start}") from None
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
