@@ -1,7 +1,19 @@
-"""Saten Studio dashboard entry point (placeholder until the dashboard issue lands)."""
+"""Saten Studio dashboard entry point: the st.navigation router, the shared model picker and the home page."""
 
 import streamlit as st
 
-st.set_page_config(page_title="Saten Studio", layout="wide")
-st.title("Saten Studio")
-st.write("Plan, run and measure Saten compression of language models.")
+st.set_page_config(page_title="Saten Studio", page_icon=":material/compress:", layout="wide")
+
+PAGES = {
+    "Start": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
+    "Workflow": [
+        st.Page("pages/model.py", title="Model", icon=":material/memory:"),
+        st.Page("pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
+        st.Page("pages/plan.py", title="Plan", icon=":material/tune:"),
+        st.Page("pages/run.py", title="Run", icon=":material/play_circle:"),
+        st.Page("pages/results.py", title="Results", icon=":material/leaderboard:"),
+        st.Page("pages/roi.py", title="ROI", icon=":material/savings:"),
+    ],
+}
+
+st.navigation(PAGES).run()

@@ -134,3 +134,92 @@ def loss_curve_chart(df: pd.DataFrame) -> go.Figure:
     for split, part in groups:
         fig.add_trace(go.Scatter(x=part["step"], y=part["loss"], mode="lines+markers", name=str(split)))
     return _layout(fig, "Healing loss", "step", "loss")
+
+
+def layer_name_parts(name: str) -> tuple[int, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'): the block index and the module type."""
+    parts = name.split(".")
+    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if idx is None:
+        raise ValueError(f"layer name {name!r} has no block index")
+    return int(parts[idx]), ".".join(parts[idx + 1:]) or parts[idx - 1]
+
+
+def energy_kept_frame(layers: Sequence[dict], rank: int) -> pd.DataFrame:
+    """Long frame (name, layer, module, value, effective_rank) from spectrum layer entries.
+
+    value = share of ||W||_F^2 in the top `rank` singular values: the part a rank cap keeps (the middle TT bond
+    of an order-2 tensorisation is exactly W's matrix rank).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    rows = []
+    for entry in layers:
+        s = np.asarray(entry["singular_values"], dtype=float)
+        total = float(np.sum(s**2))
+        block, module = layer_name_parts(entry["name"])
+        kept = float(np.sum(s[:rank] ** 2) / total) if total > 0 else 0.0
+        rows.append({"name": entry["name"], "layer": block, "module": module, "value": kept,
+                     "effective_rank": entry.get("effective_rank")})
+    return pd.DataFrame(rows)
+
+
+def _plan_summary(plan: dict) -> tuple[str, bool]:
+    """(short label of a plan, whether it changes no layer at all: a measurement of the original)."""
+    baseline = "*" in (plan.get("exclude") or []) or not plan.get("include", ["*"])
+    if baseline:
+        return "original (reference)", True
+    what = (f"{plan['target_ratio']:.0%} bytes" if plan.get("target_ratio") else
+            f"rank {plan['rank']}" if plan.get("rank") else f"eps {plan['eps']}" if plan.get("eps") else "")
+    dens = f", d={plan['density']:g}" if plan.get("density") and not plan.get("target_ratio") else ""
+    struct = " 2:4" if plan.get("structure") == "2:4" else ""
+    return f"{plan.get('method', '?')}{struct} {what}{dens}".strip(), False
+
+
+def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:
+    """One row per finished job (Job.to_dict()): label, method, sizes, quality and latency, ready to plot.
+
+    `baseline` rows ran a plan that changes nothing: their latency is the original model's on that device.
+    `slower` is True when a compressed run decodes slower than the original measured on the same device.
+    """
+    import json
+
+    rows = []
+    for job in jobs:
+        plan = json.loads(job["plan_json"])
+        label, baseline = _plan_summary(plan)
+        ev = (json.loads(job["result_json"]).get("eval") or {}) if job.get("result_json") else {}
+        rows.append({"id": job["id"], "label": f"#{job['id']} {label}", "model": job["model_ref"],
+                     "method": "original" if baseline else plan.get("method", "?"), "baseline": baseline,
+                     "device": job.get("device_used"), "bytes_before": job.get("bytes_before"),
+                     "bytes_after": job.get("bytes_after"), "ppl": job.get("ppl"),
+                     "ppl_original": ev.get("ppl_original"), "kl": job.get("kl"),
+                     "top1_agreement": job.get("top1_agreement"), "decode_ms": job.get("decode_ms_per_token"),
+                     "prefill_ms": job.get("prefill_ms"), "seconds": job.get("seconds")})
+    df = pd.DataFrame(rows, columns=["id", "label", "model", "method", "baseline", "device", "bytes_before",
+                                     "bytes_after", "ppl", "ppl_original", "kl", "top1_agreement", "decode_ms",
+                                     "prefill_ms", "seconds"])
+    return _mark_slower(df)
+
+
+def _reference_decode(df: pd.DataFrame, model: str, device: str | None) -> float | None:
+    """Newest measured decode time of the original `model` on `device` (None when never measured)."""
+    ref = df[df["baseline"] & (df["model"] == model) & (df["device"] == device) & df["decode_ms"].notna()]
+    return None if ref.empty else float(ref.sort_values("id")["decode_ms"].iloc[-1])
+
+
+def _mark_slower(df: pd.DataFrame) -> pd.DataFrame:
+    ref = [_reference_decode(df, m, d) for m, d in zip(df["model"], df["device"], strict=True)]
+    df["decode_ms_original"] = ref
+    df["slower"] = [bool(r is not None and x is not None and not b and x > r)
+                    for r, x, b in zip(ref, df["decode_ms"], df["baseline"], strict=True)]
+    return df
+
+
+def reference_point(df: pd.DataFrame, model: str) -> dict | None:
+    """The original model as a point for trade-off charts: its bytes, perplexity and decode time."""
+    runs = df[(df["model"] == model) & ~df["baseline"] & df["bytes_before"].notna()]
+    if runs.empty:
+        return None
+    last = runs.sort_values("id").iloc[-1]
+    return {"bytes_after": last["bytes_before"], "ppl": last["ppl_original"], "decode_ms": last["decode_ms_original"]}

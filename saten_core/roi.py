@@ -169,3 +169,26 @@ def roi_table(result: RoiResult) -> list[dict]:
         {"metric": "Cost per million tokens ($)", "original": round(o.cost_per_million_tokens, 4),
          "compressed": round(c.cost_per_million_tokens, 4)},
     ]
+
+
+def measured_from_run(run: dict, other_bytes: int) -> Measured:
+    """Measured numbers of one compressed run (a row of charts.runs_frame) and its original.
+
+    other_bytes: bytes of the model outside the block linears (embeddings, norms, head), the same on both sides.
+    Raises ValueError naming what is missing, e.g. when the original was never timed on that device.
+    """
+    for key in ("bytes_before", "bytes_after", "decode_ms", "decode_ms_original"):
+        value = run.get(key)
+        if value is None or value != value:  # None or NaN
+            hint = " (run the reference job that times the original model)" if key == "decode_ms_original" else ""
+            raise ValueError(f"run {run.get('id')} has no measured {key}{hint}")
+    return Measured(bytes_original=int(run["bytes_before"]) + int(other_bytes),
+                    bytes_compressed=int(run["bytes_after"]) + int(other_bytes),
+                    decode_s_original=float(run["decode_ms_original"]) / 1000.0,
+                    decode_s_compressed=float(run["decode_ms"]) / 1000.0,
+                    ppl_original=_number(run.get("ppl_original")), ppl_compressed=_number(run.get("ppl")),
+                    device=str(run.get("device") or "cpu"))
+
+
+def _number(value: object) -> float | None:
+    return None if value is None or value != value else float(value)

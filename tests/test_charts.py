@@ -65,3 +65,47 @@ def test_layer_error_and_loss_curve():
     assert list(fig.data[0].y) == [0.1, 0.2]
     loss = pd.DataFrame({"step": [0, 1, 0, 1], "loss": [2.0, 1.5, 2.1, 1.8], "split": ["train"] * 2 + ["held-out"] * 2})
     assert len(charts.loss_curve_chart(loss).data) == 2
+
+
+def test_layer_name_parts():
+    assert charts.layer_name_parts("model.layers.12.mlp.up_proj") == (12, "mlp.up_proj")
+    assert charts.layer_name_parts("encoder.layer.0.attention.self.query") == (0, "attention.self.query")
+    with pytest.raises(ValueError, match="lm_head"):
+        charts.layer_name_parts("lm_head")
+
+
+def test_energy_kept_frame_grows_with_rank():
+    layers = [{"name": "model.layers.0.mlp.up_proj", "singular_values": [3.0, 2.0, 1.0], "effective_rank": 2.5}]
+    low = charts.energy_kept_frame(layers, 1)["value"].iloc[0]
+    high = charts.energy_kept_frame(layers, 2)["value"].iloc[0]
+    assert low == pytest.approx(9 / 14) and high == pytest.approx(13 / 14)
+    assert charts.energy_kept_frame(layers, 10)["value"].iloc[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rank"):
+        charts.energy_kept_frame(layers, 0)
+
+
+def _job(id_, plan, **metrics):
+    import json
+
+    result = json.dumps({"eval": {"ppl_original": 15.0}})
+    base = {"id": id_, "model_ref": "m", "plan_json": json.dumps(plan), "device_used": "cpu", "bytes_before": 100,
+            "bytes_after": None, "ppl": None, "kl": None, "top1_agreement": None, "decode_ms_per_token": None,
+            "prefill_ms": None, "seconds": 1.0, "result_json": result}
+    base.update(metrics)
+    return base
+
+
+def test_runs_frame_labels_baseline_and_flags_slower_runs():
+    jobs = [_job(1, {"exclude": ["*"], "method": "saten"}, bytes_before=0, bytes_after=0, ppl=15.0,
+                 decode_ms_per_token=10.0),
+            _job(2, {"method": "saten", "target_ratio": 0.8}, bytes_after=80, ppl=17.0, decode_ms_per_token=12.0),
+            _job(3, {"method": "prune", "rank": None, "density": 0.5, "structure": "2:4"}, bytes_after=60, ppl=20.0,
+                 decode_ms_per_token=8.0)]
+    df = charts.runs_frame(jobs)
+    assert list(df["method"]) == ["original", "saten", "prune"]
+    assert list(df["baseline"]) == [True, False, False]
+    assert list(df["slower"]) == [False, True, False]
+    assert df["label"].iloc[1] == "#2 saten 80% bytes" and "2:4" in df["label"].iloc[2]
+    ref = charts.reference_point(df, "m")
+    assert ref == {"bytes_after": 100, "ppl": 15.0, "decode_ms": 10.0}
+    assert charts.reference_point(df, "other") is None

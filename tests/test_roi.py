@@ -108,3 +108,15 @@ def test_html_report_is_self_contained_escaped_and_flags_slow_models():
     assert page.startswith("<!doctype html>") and "plotly" in page.lower()
     assert "job 1 &lt;saten&gt;" in page and "<saten>" not in page
     assert "SLOWER" in page and "slower than the original" in page
+
+
+def test_measured_from_run_adds_the_untouched_bytes_and_needs_a_reference():
+    from saten_core.roi import measured_from_run
+
+    run = {"id": 2, "bytes_before": 100, "bytes_after": 60, "decode_ms": 12.0, "decode_ms_original": 10.0,
+           "ppl": 17.0, "ppl_original": float("nan"), "device": "cpu"}
+    m = measured_from_run(run, other_bytes=40)
+    assert (m.bytes_original, m.bytes_compressed) == (140, 100)
+    assert m.decode_s_compressed == pytest.approx(0.012) and m.ppl_original is None
+    with pytest.raises(ValueError, match="decode_ms_original"):
+        measured_from_run({**run, "decode_ms_original": None}, 0)

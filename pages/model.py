@@ -1,0 +1,54 @@
+"""Model page: pick an embedded model, a local Hugging Face folder or a hub id, and see what it holds."""
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import DEFAULT_MODEL, MODEL_KEY, human_bytes, loaded_model, model_ref
+
+st.title("Model")
+
+
+@st.cache_data(show_spinner=False)
+def embedded() -> pd.DataFrame:
+    from saten_core.models import list_models
+
+    return pd.DataFrame(list_models())
+
+
+models = embedded()
+st.dataframe(models, hide_index=True, width="stretch")
+source = st.radio("Source", ["Embedded", "Local folder or hub id"], horizontal=True, key="model_source")
+if source == "Embedded":
+    names = list(models["name"])
+    current = model_ref() if model_ref() in names else DEFAULT_MODEL
+    ref = st.selectbox("Embedded model", names, index=names.index(current), key="model_pick")
+else:
+    ref = st.text_input("Folder path or hub id (owner/name)", key="model_path",
+                        placeholder="/path/to/hf-folder or HuggingFaceTB/SmolLM2-135M").strip()
+if not ref:
+    st.stop()
+st.session_state[MODEL_KEY] = ref
+
+lm = loaded_model(ref)
+if lm is None:
+    st.stop()
+
+
+@st.cache_data(show_spinner=False)
+def layers(ref: str) -> pd.DataFrame:
+    from saten_core.models import layer_table
+
+    return pd.DataFrame(layer_table(loaded_model(ref).model))
+
+
+table = layers(ref)
+total = sum(p.numel() for p in lm.model.parameters())
+cols = st.columns(4)
+cols[0].metric("Parameters", f"{total / 1e6:,.1f} M")
+cols[1].metric("Block-linear bytes", human_bytes(int(table["bytes"].sum())))
+cols[2].metric("Compressible layers", len(table))
+cols[3].metric("Kind", lm.kind)
+arch = ", ".join(getattr(lm.config, "architectures", None) or [type(lm.model).__name__])
+st.write(f"**{lm.name}** — architecture `{arch}`, stored as {str(lm.dtype).replace('torch.', '')}.")
+st.dataframe(table, hide_index=True, width="stretch", height=360)
+st.success("Next: open **Spectrum** to see which layers are compressible, or **Plan** to set a budget.")

@@ -1,0 +1,132 @@
+"""Plan page: method and global settings, budget allocation, per-layer overrides, live byte/error preview, recipes."""
+
+import json
+import math
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import PLAN_KEY, human_bytes, library, loaded_model, model_caption, model_ref, show_error
+from saten_core import charts
+from saten_core.plan import Override, Plan, dry_run, dry_run_totals
+from saten_core.spec import METHODS, STRUCTURES
+
+st.title("Plan")
+model_caption()
+lm = loaded_model()
+if lm is None:
+    st.stop()
+OVERRIDE_COLUMNS = {"pattern": "", "rank": None, "eps": None, "density": None, "skip": False}
+
+
+def load_recipe() -> None:
+    """Copy an uploaded recipe into the widgets' values (runs before they are drawn)."""
+    upload = st.session_state.get("plan_upload")
+    if upload is None:
+        return
+    try:
+        plan = Plan.from_json(upload.getvalue().decode("utf-8"))
+        plan.validate()
+    except (ValueError, UnicodeDecodeError) as exc:
+        st.session_state["plan_upload_error"] = f"Recipe not loaded: {exc}"
+        return
+    st.session_state.update(plan_method=plan.method, plan_structure=plan.structure,
+                            plan_mode="Target budget" if plan.target_ratio else "Rank and density",
+                            plan_density=plan.density, plan_share=plan.lowrank_share,
+                            plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
+    if plan.target_ratio:
+        st.session_state["plan_target"] = plan.target_ratio
+    if plan.rank:
+        st.session_state["plan_rank"] = plan.rank
+
+
+@st.cache_data(show_spinner=False)
+def max_rank(ref: str) -> int:
+    from saten_core.models import layer_table
+
+    return max(min(r["in_features"], r["out_features"]) for r in layer_table(loaded_model(ref).model))
+
+
+def overrides(frame: pd.DataFrame) -> list[Override]:
+    """Editable-table rows -> Override objects (blank pattern rows are ignored, blank cells mean 'plan value')."""
+    out = []
+    for row in frame.to_dict("records"):
+        if not str(row.get("pattern") or "").strip():
+            continue
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        rank = None if clean["rank"] is None else int(clean["rank"])
+        out.append(Override(pattern=clean["pattern"].strip(), rank=rank, eps=clean["eps"],
+                            density=clean["density"], skip=bool(clean["skip"])))
+    return out
+
+
+with st.sidebar:
+    st.file_uploader("Load a recipe (plan JSON)", type=["json"], key="plan_upload", on_change=load_recipe)
+    if msg := st.session_state.pop("plan_upload_error", None):
+        st.error(msg)
+
+c1, c2, c3 = st.columns(3)
+method = c1.selectbox("Method", METHODS, key="plan_method",
+                      help="saten = TT + sparse residual; tt = TT only; svd = truncated SVD; prune = magnitude")
+structure = c2.radio("Sparsity structure", STRUCTURES, horizontal=True, key="plan_structure")
+mode = c3.radio("Set by", ["Target budget", "Rank and density", "Error bound"], key="plan_mode")
+s1, s2 = st.columns(2)
+settings: dict = {"method": method, "structure": structure}
+if mode == "Target budget":
+    settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
+                                         key="plan_target")
+    settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.05, 1.0, 0.5, 0.05,
+                                          key="plan_share")
+else:
+    if mode == "Rank and density":
+        settings["rank"] = s1.slider("TT rank cap", 1, max_rank(model_ref()), min(32, max_rank(model_ref())),
+                                     key="plan_rank")
+    else:
+        settings["eps"] = s1.slider("TT-SVD relative error bound eps", 0.01, 0.95, 0.3, 0.01, key="plan_eps")
+    settings["density"] = s2.slider("Residual / weight density (1 - sparsity)", 0.0, 1.0, 0.05, 0.01,
+                                    key="plan_density")
+
+st.subheader("Per-layer overrides")
+st.caption("Pattern is an fnmatch on the layer name, e.g. `*.layers.0.*` or `*mlp.down_proj`. Blank = plan value.")
+if "plan_overrides" not in st.session_state:
+    st.session_state["plan_overrides"] = pd.DataFrame([OVERRIDE_COLUMNS]).iloc[0:0]
+edited = st.data_editor(st.session_state["plan_overrides"], num_rows="dynamic", key="plan_override_editor",
+                        column_config={"rank": st.column_config.NumberColumn(min_value=1, step=1),
+                                       "eps": st.column_config.NumberColumn(min_value=0.0, max_value=0.99),
+                                       "density": st.column_config.NumberColumn(min_value=0.0, max_value=1.0)})
+try:
+    plan = Plan(**settings, overrides=overrides(edited))
+    rows = dry_run(lm.model, plan)
+except (ValueError, TypeError) as exc:
+    show_error(exc)
+    st.stop()
+st.session_state[PLAN_KEY] = plan.to_json()
+
+totals = dry_run_totals(rows)
+m = st.columns(4)
+m[0].metric("Layers changed", f"{totals['layers_changed']} / {totals['layers']}")
+m[1].metric("Bytes before", human_bytes(totals["bytes_before"]))
+m[2].metric("Predicted bytes", human_bytes(totals["predicted_bytes"]))
+if totals["predicted_bytes"] is not None:
+    m[3].metric("Kept", f"{totals['predicted_bytes'] / totals['bytes_before']:.1%}",
+                help="predicted bytes / bytes before (block linears, indices and metadata counted)")
+else:
+    m[3].metric("Kept", "set by eps", help="an error bound picks each rank at compression time")
+
+preview = library("preview", "Per-layer predicted error and multiply-adds")
+if preview is not None:
+    try:
+        pv = pd.DataFrame(preview.preview(lm.model, plan))
+        st.plotly_chart(charts.layer_error_chart(pv, "predicted_error", "Predicted per-layer relative error"),
+                        key="plan_error_chart")
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        show_error(exc)
+table = pd.DataFrame(rows)
+table["spec"] = table["spec"].map(lambda s: "dense" if s is None else json.dumps(s))
+st.dataframe(table, hide_index=True, height=300, key="plan_table")
+
+alloc = library("allocate", "Budget-driven allocation")
+d1, d2 = st.columns(2)
+d1.download_button("Save recipe (plan JSON)", plan.to_json(), file_name="saten-plan.json",
+                   mime="application/json", icon=":material/download:", key="plan_download")
+d2.page_link("pages/run.py", label="Run this plan", icon=":material/play_circle:")

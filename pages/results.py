@@ -1,0 +1,76 @@
+"""Results page: run history, trade-off charts with the Pareto front and the original, per-layer error, downloads."""
+
+import shutil
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import library
+from saten_core import charts
+
+st.title("Results")
+jobs = library("jobs", "The job queue")
+if jobs is None:
+    st.stop()
+runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded")])
+if runs.empty:
+    st.info("No finished run yet: submit one on the Run page (or start the demo on Home).")
+    st.stop()
+
+model = st.selectbox("Model", sorted(runs["model"].unique()), key="results_model")
+mine = runs[runs["model"] == model].copy()
+mine["size (MiB)"] = mine["bytes_after"] / 2**20
+mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
+st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")
+if mine["slower"].any():
+    st.warning("Runs marked **SLOWER than original** decode slower than the original model timed on the same device.")
+
+compressed = mine[~mine["baseline"]]
+ref = charts.reference_point(runs, model)
+if ref is not None and ref.get("bytes_after") is not None:
+    ref = {**ref, "size (MiB)": ref["bytes_after"] / 2**20}
+a, b = st.columns(2)
+a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, "block-linear size (MiB)", "perplexity"),
+               key="tradeoff_size")
+if compressed["decode_ms"].notna().any():
+    lat_ref = ref if ref is not None and ref.get("decode_ms") is not None else None
+    b.plotly_chart(charts.tradeoff_chart(compressed.dropna(subset=["decode_ms"]), "decode_ms", "ppl", lat_ref,
+                                         "decode latency (ms/token)", "perplexity"), key="tradeoff_latency")
+else:
+    b.info("No run measured latency yet (tick 'Evaluate' when submitting).")
+
+st.subheader("One run")
+pick = st.selectbox("Run", list(mine["id"]), format_func=lambda i: mine.set_index("id").loc[i, "label"],
+                    key="results_pick")
+job = jobs.get_job(int(pick))
+report = job.result or {}
+layers = pd.DataFrame(report.get("layers") or [])
+if not layers.empty and "rel_error" in layers:
+    st.plotly_chart(charts.layer_error_chart(layers, "rel_error", "Measured per-layer relative error"),
+                    key="results_layer_error")
+if report.get("heal"):
+    curve = pd.DataFrame(report["heal"].get("curve") or [])
+    if {"step", "loss"} <= set(curve.columns):
+        st.plotly_chart(charts.loss_curve_chart(curve), key="results_loss")
+st.info("Side-by-side answers of the original and the compressed model to one prompt are coming "
+        "(needs a generation function in saten_core).", icon=":material/construction:")
+
+d1, d2, d3 = st.columns(3)
+d1.download_button("Recipe (plan JSON)", job.plan_json, file_name=f"saten-plan-{job.id}.json",
+                   mime="application/json", key="results_recipe")
+d2.download_button("Run report (JSON)", job.result_json or "{}", file_name=f"saten-report-{job.id}.json",
+                   mime="application/json", key="results_report")
+
+
+def zipped(folder: str, job_id: int):
+    """Zip the run's model folder only when the button is clicked (deferred download), once per run."""
+    archive = jobs.job_dir(job_id) / f"saten-model-{job_id}.zip"
+    if not archive.exists():
+        shutil.make_archive(str(archive.with_suffix("")), "zip", folder)
+    return open(archive, "rb")  # noqa: SIM115 - streamlit reads and closes it
+
+
+if job.artifact_dir:
+    d3.download_button("Compressed model (zip)", lambda: zipped(job.artifact_dir, job.id),
+                       file_name=f"saten-model-{job.id}.zip", mime="application/zip", key="results_model_zip")
+st.page_link("pages/roi.py", label="What is it worth? Open ROI", icon=":material/savings:")

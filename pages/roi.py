@@ -1,0 +1,91 @@
+"""ROI page: business inputs + one run's measured size, speed and quality -> replicas, cost, payback, report."""
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import library, loaded_model, show_error
+from saten_core import charts
+from saten_core.report import ReportInput, headline, to_html, to_markdown
+from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, measured_from_run, roi_table
+
+st.title("ROI")
+jobs = library("jobs", "The job queue")
+if jobs is None:
+    st.stop()
+runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded")])
+compressed = runs[~runs["baseline"]] if not runs.empty else runs
+if compressed.empty:
+    st.info("No finished compression run yet: the ROI is computed from a run's measured numbers.")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Measuring the parts of the model that are not compressed ...")
+def untouched_bytes(ref: str) -> int:
+    """Embeddings, norms and head: the same bytes before and after, but they count in a replica's memory."""
+    from saten_core.models import layer_table
+
+    model = loaded_model(ref).model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - sum(r["bytes"] for r in layer_table(model))
+
+
+pick = st.selectbox("Run", list(compressed["id"]), key="roi_run",
+                    format_func=lambda i: compressed.set_index("id").loc[i, "label"])
+run = compressed.set_index("id").loc[pick].to_dict() | {"id": pick}
+
+st.subheader("Your deployment")
+c1, c2, c3 = st.columns(3)
+gpu = c1.selectbox("GPU type", list(GPU_CATALOG), index=1, key="roi_gpu")
+price = c1.number_input("Price per GPU-hour ($)", 0.01, 100.0, GPU_CATALOG[gpu]["price_per_hour"], 0.01,
+                        key=f"roi_price_{gpu}")
+memory = c1.number_input("GPU memory (GiB)", 1.0, 512.0, GPU_CATALOG[gpu]["memory_gib"], 1.0, key=f"roi_mem_{gpu}")
+requests = c2.number_input("Requests per day", 1.0, 1e10, 100_000.0, 1000.0, key="roi_requests")
+tokens = c2.number_input("Tokens per request (prompt + answer)", 1.0, 1e6, 500.0, 50.0, key="roi_tokens")
+replicas = c2.number_input("Replicas serving the original today", 1, 10_000, 2, 1, key="roi_replicas")
+overhead = c3.number_input("Runtime overhead per replica (GiB)", 0.0, 512.0, 2.0, 0.5, key="roi_overhead")
+days = c3.number_input("Engineering days (PoC + rollout)", 0.0, 1000.0, 10.0, 1.0, key="roi_days")
+rate = c3.number_input("Cost per engineering day ($)", 0.0, 1e5, 800.0, 50.0, key="roi_rate")
+
+inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, requests_per_day=requests,
+                   tokens_per_request=tokens, current_replicas=int(replicas), overhead_gib=overhead,
+                   engineering_days=days, day_rate=rate)
+try:
+    other = untouched_bytes(run["model"])
+    result = compute_roi(inputs, measured_from_run(run, other))
+except (ValueError, OSError) as exc:
+    show_error(exc)
+    st.stop()
+
+st.subheader("Outcome")
+m = st.columns(4)
+m[0].metric("Monthly saving", f"${result.monthly_saving:,.0f}")
+m[1].metric("Payback", "never" if result.payback_months is None else f"{result.payback_months:.1f} months")
+m[2].metric("Decode speed vs original", f"{result.speedup:.2f}x", help=f"measured on {run['device']}")
+m[3].metric("Perplexity vs original", "n/a" if result.ppl_ratio is None else f"{result.ppl_ratio:.2f}x")
+if result.speedup < 1:
+    st.warning(f"This compressed model is SLOWER than the original ({result.speedup:.2f}x) on {run['device']}: "
+               "it needs more replicas, not fewer.")
+st.markdown("\n".join(f"- {line}" for line in headline(result)))
+st.dataframe(pd.DataFrame(roi_table(result)), hide_index=True, key="roi_table")
+with st.expander("Assumptions", expanded=True):
+    st.markdown("\n".join(f"- {a}" for a in result.assumptions))
+
+
+def report_input() -> ReportInput:
+    """The report of this run: the same table, the trade-off chart and the run history."""
+    mine = runs[runs["model"] == run["model"]]
+    ref = charts.reference_point(runs, run["model"])
+    figure = charts.tradeoff_chart(mine[~mine["baseline"]], "bytes_after", "ppl", ref, "block-linear bytes",
+                                   "perplexity")
+    cols = ["label", "method", "device", "bytes_after", "ppl", "kl", "top1_agreement", "decode_ms", "slower"]
+    return ReportInput(title=f"Saten compression of {run['model']}: cost and benefit", run_label=run["label"],
+                       roi=dataclasses.replace(result), runs=mine[cols], figures=[figure])
+
+
+r1, r2 = st.columns(2)
+r1.download_button("Download report (HTML)", lambda: to_html(report_input()), file_name=f"saten-roi-{pick}.html",
+                   mime="text/html", type="primary", icon=":material/description:", key="roi_html")
+r2.download_button("Download report (Markdown)", lambda: to_markdown(report_input()),
+                   file_name=f"saten-roi-{pick}.md", mime="text/markdown", key="roi_md")

@@ -1,0 +1,79 @@
+"""Run page: submit the current plan as a background job, then follow the live queue (progress, ETA, log, cancel)."""
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import PLAN_KEY, library, model_caption, model_ref, show_error
+
+st.title("Run")
+model_caption()
+jobs = library("jobs", "The job queue")
+if jobs is None:
+    st.stop()
+from saten_core.models import resolve_device  # noqa: E402 - after the availability check above
+from saten_core.plan import Plan  # noqa: E402
+
+plan_json = st.session_state.get(PLAN_KEY) or Plan(target_ratio=0.8).to_json()
+if PLAN_KEY not in st.session_state:
+    st.info("No plan set on the Plan page yet: the default (Saten, keep 80 % of the bytes) will be used.")
+with st.expander("Plan to run", expanded=False):
+    st.code(plan_json, language="json")
+
+c1, c2, c3 = st.columns(3)
+device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="run_device")
+try:
+    c1.caption(f"This job will run on **{resolve_device(device)}**.")
+except ValueError as exc:
+    c1.warning(str(exc))
+evaluate = c2.checkbox("Evaluate after compressing (perplexity, agreement, latency)", value=True, key="run_eval")
+budget = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 24 * 60.0, 0.0, 1.0, key="run_budget")
+if "heal_steps" not in Plan.__dataclass_fields__:
+    st.info("Calibration and healing options are coming with the activation-aware methods (issue 5).",
+            icon=":material/construction:")
+
+if st.button("Submit job", type="primary", icon=":material/send:", key="run_submit"):
+    try:
+        job_id = jobs.submit(model_ref(), plan_json, evaluate=evaluate, device=device,
+                             time_budget_s=budget * 60 if budget else None)
+        jobs.ensure_worker()
+        st.success(f"Job {job_id} queued.")
+    except (ValueError, OSError) as exc:
+        show_error(exc)
+
+
+def queue_frame(rows: list) -> pd.DataFrame:
+    """Job rows -> the columns a person watching the queue cares about."""
+    now = time.time()
+    return pd.DataFrame([{
+        "id": j.id, "status": j.status, "model": j.model_ref.rsplit("/", 1)[-1], "stage": j.stage,
+        "progress": float(j.fraction or 0.0), "ETA (s)": None if j.eta_seconds is None else round(j.eta_seconds),
+        "device": j.device_used or j.device_requested, "age (s)": round(now - j.created_at),
+        "message": j.error or j.message} for j in rows])
+
+
+@st.fragment(run_every=2)
+def queue() -> None:
+    """Re-drawn every 2 s from the job store; nothing about jobs is kept in session state."""
+    rows = jobs.list_jobs(limit=30)
+    if not rows:
+        st.write("No jobs yet.")
+        return
+    st.dataframe(queue_frame(rows), hide_index=True, key="run_queue",
+                 column_config={"progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0)})
+    ids = [j.id for j in rows]
+    pick = st.selectbox("Job", ids, key="run_pick", format_func=lambda i: f"job {i}")
+    job = jobs.get_job(pick)
+    log = jobs.job_dir(pick) / "job.log"
+    st.code("\n".join(log.read_text().splitlines()[-15:]) if log.exists() else "(no log yet)", language="text")
+    if job.status in ("queued", "running") and st.button("Cancel job", icon=":material/cancel:", key="run_cancel"):
+        try:
+            jobs.request_cancel(pick)
+        except ValueError as exc:
+            show_error(exc)
+
+
+st.subheader("Queue")
+queue()
+st.page_link("pages/results.py", label="See finished runs on Results", icon=":material/leaderboard:")
