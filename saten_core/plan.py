@@ -224,7 +224,7 @@ def _largest_rank(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, ra
     rank = _largest_feasible(1, hi, lambda r: _predict(replace(spec, rank=r), n_in, n_out, dtype) <= budget)
     if rank is None:
         raise ValueError(f"target_ratio {ratio} is too small: even rank 1 ({spec.method}, density "
-                         f"{spec.density}, {spec.structure}) exceeds {budget} bytes")
+                         f"{spec.density}, {spec.structure}) exceeds {budget} bytes{_hint_2_4(spec)}")
     return replace(spec, rank=rank, eps=None)
 
 
@@ -241,10 +241,14 @@ def _largest_density(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype,
 def _check_fits(spec: LayerSpec, budget: int, n_in: int, n_out: int, dtype, ratio: float) -> LayerSpec:
     got = _predict(spec, n_in, n_out, dtype)
     if got > budget:
-        hint = " (Saten/prune 2:4 can never go below ~50% of a layer)" if spec.structure == "2:4" else ""
         raise ValueError(f"target_ratio {ratio} cannot be met with {spec.structure} {spec.method}: "
-                         f"needs {got} bytes > budget {budget}{hint}")
+                         f"needs {got} bytes > budget {budget}{_hint_2_4(spec)}")
     return spec
+
+
+def _hint_2_4(spec: LayerSpec) -> str:
+    """2:4 keeps half the entries plus metadata, so no target below ~50% of a layer can be met."""
+    return " (2:4 can never go below ~50% of a layer)" if spec.structure == "2:4" else ""
 
 
 def dry_run(model: Any, plan: Plan) -> list[dict]:
