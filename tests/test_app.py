@@ -1,0 +1,135 @@
+"""Every dashboard page through Streamlit's AppTest on the tiny Llama folder.
+
+Run: .venv/bin/python -m pytest -q tests/test_app.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture()
+def no_spawn(monkeypatch):
+    """Record worker start requests instead of starting a background process that would compete for the CPUs."""
+    from saten_core import jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "ensure_worker", lambda **kw: calls.append(kw) or 0)
+    return calls
+
+
+def page(path: str, model: str | None = None, **state) -> AppTest:
+    """Open the app, set session values (the chosen model, widget values), switch to `path` and run it."""
+    at = AppTest.from_file(APP, default_timeout=180)
+    if model is not None:
+        at.session_state["model_ref"] = model
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    return at.switch_page(path).run()
+
+
+def no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_home_renders_and_demo_queues_reference_and_compression(no_spawn):
+    from saten_core import jobs
+
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    no_exception(at)
+    assert at.title[0].value == "Saten Studio"
+    before = len(jobs.list_jobs())
+    at.button(key="demo_start").click().run()
+    no_exception(at)
+    new = jobs.list_jobs()[: len(jobs.list_jobs()) - before]
+    assert len(new) == 2 and {j.model_ref for j in new} == {"smollm2-135m"}
+    assert no_spawn, "the demo must start a worker"
+    for j in new:
+        jobs.request_cancel(j.id)
+
+
+def test_model_page_summarises_a_local_folder(tiny_llama_dir):
+    at = page("pages/model.py", model=str(tiny_llama_dir), model_source="Local folder or hub id",
+              model_path=str(tiny_llama_dir))
+    no_exception(at)
+    assert not at.error
+    assert metric(at, "Compressible layers") == "14"
+    assert at.dataframe[1].value.shape[0] == 14
+
+
+def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
+    missing = str(tmp_path / "nope")
+    at = page("pages/model.py", model_source="Local folder or hub id", model_path=missing)
+    no_exception(at)
+    assert at.error and "does not exist" in at.error[0].value
+    at = page("pages/plan.py", model=missing)
+    no_exception(at)
+    assert at.error and "Cannot load model" in at.error[0].value
+
+
+def test_spectrum_page_draws_layer_charts_and_heatmap(tiny_llama_dir):
+    at = page("pages/spectrum.py", model=str(tiny_llama_dir))
+    no_exception(at)
+    assert len(at.get("plotly_chart")) == 4
+    assert metric(at, "Shape (out x in)") == "64 x 64"
+    at.slider(key="spectrum_rank").set_value(2).run()
+    no_exception(at)
+
+
+def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
+    at = page("pages/plan.py", model=str(tiny_llama_dir))
+    no_exception(at)
+    before = metric(at, "Predicted bytes")
+    at.slider(key="plan_target").set_value(0.5).run()
+    no_exception(at)
+    after = metric(at, "Predicted bytes")
+    assert before != after
+    assert metric(at, "Kept") in ("50.0%", "49.9%", "49.8%")
+    assert metric(at, "Bytes before") == "288.00 KiB"
+
+
+def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
+    at = page("pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
+    no_exception(at)
+    low = metric(at, "Predicted bytes")
+    at.slider(key="plan_rank").set_value(4).run()
+    assert metric(at, "Predicted bytes") != low
+    mid = metric(at, "Predicted bytes")
+    at.slider(key="plan_density").set_value(0.2).run()
+    no_exception(at)
+    assert metric(at, "Predicted bytes") != mid
+
+
+def test_run_page_submit_creates_a_job(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+
+    at = page("pages/run.py", model=str(tiny_llama_dir))
+    no_exception(at)
+    assert "cpu" in " ".join(c.value for c in at.caption)
+    count = len(jobs.list_jobs())
+    at.checkbox(key="run_eval").uncheck()
+    at.button(key="run_submit").click().run()
+    no_exception(at)
+    assert at.success and "queued" in at.success[0].value
+    job = jobs.list_jobs()[0]
+    assert len(jobs.list_jobs()) == count + 1
+    assert job.model_ref == str(Path(tiny_llama_dir).resolve()) and job.status == "queued" and not job.evaluate
+    assert no_spawn
+    jobs.request_cancel(job.id)
+
+
+@pytest.mark.parametrize("path", ["pages/results.py", "pages/roi.py"])
+def test_results_and_roi_render_with_or_without_runs(path):
+    at = page(path)
+    no_exception(at)
+    assert at.info or at.dataframe
