@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="registry name, local HF folder or hub id")
     p.add_argument("--plan", required=True, help="plan JSON file (python -m saten_core plan ... --out plan.json)")
     p.add_argument("--eval", action="store_true", help="evaluate the compressed model after compressing")
+    p.add_argument("--tokens", type=int, default=None, metavar="N", help="evaluation tokens (default: pipeline's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when the worker has it), cpu, cuda, cuda:N")
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="fail the job after S seconds")
     p.add_argument("--json", action="store_true", help='print {"id": ...}')
@@ -53,7 +54,8 @@ def read_plan_file(path: str) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, device=args.device,
+    job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, tokens=args.tokens,
+                          device=args.device,
                           time_budget_s=args.time_budget)
     print(json.dumps({"id": job_id}) if args.json else f"queued job {job_id}")
     return 0

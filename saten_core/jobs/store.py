@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -70,6 +71,10 @@ class Job:
     @property
     def evaluate(self) -> bool:
         return bool(json.loads(self.eval_json or "{}").get("evaluate", False))
+
+    @property
+    def eval_tokens(self) -> int | None:
+        return json.loads(self.eval_json or "{}").get("tokens")
 
     @property
     def result(self) -> dict | None:
@@ -294,25 +299,32 @@ def _forget_dead_workers(now: float) -> None:
                 conn.execute("DELETE FROM workers WHERE pid = ?", (pid,))
 
 
-def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, device: str = "auto",
-           time_budget_s: float | None = None) -> int:
+def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: int | None = None,
+           device: str = "auto", time_budget_s: float | None = None) -> int:
     """Validate, then queue a compression job; returns its id. Bad input raises ValueError and queues nothing.
 
     The plan is parsed and validated and stored exactly as Plan.to_json(); the model must be a registry name,
     an existing local HF folder or (online only) a hub id. Weights are not loaded here: that is the worker's job.
+    tokens: evaluation length (None -> the pipeline's default); only meaningful with evaluate.
     Example:
         job_id = submit("smollm2-135m", Plan(method="saten", target_ratio=0.8).to_json(), evaluate=True)
         get_job(job_id).status == "queued"
     """
     from saten_core.plan import Plan
 
-    plan = Plan.from_json(plan_json)
+    try:
+        plan = Plan.from_json(plan_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"plan is not valid JSON: {exc}") from None
     plan.validate()
     model_ref = check_model_ref(model_ref)
     device = check_device(device)
     if time_budget_s is not None and not float(time_budget_s) > 0:
         raise ValueError(f"time budget must be a positive number of seconds, got {time_budget_s!r}")
-    return insert_job(model_ref, plan.to_json(), eval_settings={"evaluate": bool(evaluate)}, device=device,
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 2):
+        raise ValueError(f"evaluation tokens must be an integer >= 2, got {tokens!r}")
+    settings = {"evaluate": bool(evaluate), "tokens": tokens}
+    return insert_job(model_ref, plan.to_json(), eval_settings=settings, device=device,
                       time_budget_s=None if time_budget_s is None else float(time_budget_s))
 
 
@@ -339,8 +351,6 @@ def check_model_ref(ref: str) -> str:
 
 def check_device(device: str) -> str:
     """Accept auto, cpu, cuda, cuda:N without touching CUDA: the worker's machine decides what it has."""
-    import re
-
     dev = device.strip().lower() if isinstance(device, str) else ""
     if dev not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", dev):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")

@@ -163,10 +163,11 @@ def _run_pipeline(run: JobRun) -> dict[str, Any]:
     device = resolve_device(run.job.device_requested)
     store.update_running(run.job.id, run.pid, device_used=device)
     out = job_dir(run.job.id) / "model"
+    tokens = {} if run.job.eval_tokens is None else {"tokens": run.job.eval_tokens}
     with atomic_dir(out, overwrite=True) as tmp:
         report = pipeline.compress_to_dir(run.job.model_ref, Plan.from_json(run.job.plan_json), tmp,
                                           device=device, progress=run.progress, should_stop=run.should_stop,
-                                          evaluate=run.job.evaluate)
+                                          evaluate=run.job.evaluate, **tokens)
     result_json = json.dumps(report, default=str)
     return {**metrics_from_report(report), "result_json": result_json, "artifact_dir": str(out),
             "stage": "done", "fraction": 1.0, "eta_seconds": 0.0, "message": "finished"}

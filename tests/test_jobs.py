@@ -1,0 +1,290 @@
+"""Job store and worker: submit, run, cancel, SIGKILL recovery, concurrency, reopen, bad input.
+
+Run: .venv/bin/python -m pytest -q tests/test_jobs.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from saten_core.jobs import store, worker
+from saten_core.plan import Plan
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = Plan(method="saten", rank=4, density=0.05).to_json()
+
+
+@pytest.fixture(autouse=True)
+def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own folder (and jobs.db) inside the session's SATEN_HOME, so queues never mix."""
+    home = Path(tempfile.mkdtemp(prefix="jobs-", dir=isolated_home))
+    monkeypatch.setenv("SATEN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def slow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-layer Llama (hidden 128, MLP 512): 168 linears, so a job runs long enough to cancel or kill mid-way."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import minilm_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=24,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("slow_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SATEN_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "saten_core", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.02):
+    """Poll until predicate() is truthy (returned) or fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"condition not reached within {timeout} s")
+
+
+def leftovers(job_id: int) -> list[str]:
+    """Anything in the job folder besides the log: a cancelled/failed job must leave no (partial) artifacts."""
+    folder = worker.job_dir(job_id)
+    return sorted(p.name for p in folder.iterdir() if p.name != "job.log") if folder.exists() else []
+
+
+def test_submit_then_worker_once_succeeds_with_metrics(tiny_llama_dir: Path):
+    job_id = store.submit(str(tiny_llama_dir), PLAN, evaluate=True, tokens=256, device="cpu")
+    assert store.get_job(job_id).status == "queued"
+    assert worker.run_worker(once=True) == 1
+    job = store.get_job(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.device_used == "cpu" and job.fraction == 1.0 and job.finished_at >= job.started_at
+    assert math.isfinite(job.ppl) and job.ppl > 1
+    assert job.kl >= 0 and 0 <= job.top1_agreement <= 1
+    assert 0 < job.bytes_after < job.bytes_before
+    assert job.prefill_ms > 0 and job.decode_ms_per_token > 0 and job.seconds > 0
+    assert json.loads(job.result_json)["totals"]["bytes_after"] == job.bytes_after
+    model_dir = Path(job.artifact_dir)
+    assert model_dir == worker.job_dir(job_id) / "model" and (model_dir / "report.json").is_file()
+    assert leftovers(job_id) == ["model"]
+    assert "succeeded" in (worker.job_dir(job_id) / "job.log").read_text()
+
+
+def test_plan_is_stored_exactly_as_plan_to_json(tiny_llama_dir: Path):
+    compact = json.dumps(json.loads(PLAN))  # same plan, other formatting
+    job = store.get_job(store.submit(str(tiny_llama_dir), compact))
+    assert job.plan_json == Plan.from_json(compact).to_json()
+    assert job.model_ref == str(tiny_llama_dir.resolve())
+
+
+@pytest.mark.parametrize("model, plan, match", [
+    ("no-such-model", PLAN, "no-such-model"),
+    ("/definitely/not/a/folder", PLAN, "not/a/folder"),
+    (None, '{"method": "saten", "rank": 0}', "0"),
+    (None, '{"method": "magic"}', "magic"),
+    (None, '{"rnak": 4}', "rnak"),
+    (None, "not json", "not valid JSON"),
+])
+def test_bad_plan_or_model_is_rejected_and_never_queued(tiny_llama_dir: Path, model, plan, match):
+    with pytest.raises(ValueError, match=match):
+        store.submit(model or str(tiny_llama_dir), plan)
+    assert store.list_jobs() == []
+
+
+def test_bad_device_or_budget_is_rejected(tiny_llama_dir: Path):
+    with pytest.raises(ValueError, match="tpu"):
+        store.submit(str(tiny_llama_dir), PLAN, device="tpu")
+    with pytest.raises(ValueError, match="-5"):
+        store.submit(str(tiny_llama_dir), PLAN, time_budget_s=-5)
+    assert store.list_jobs() == []
+
+
+def test_cancel_mid_run_leaves_no_artifacts(slow_llama_dir: Path):
+    job_id = store.submit(str(slow_llama_dir), PLAN, device="cpu")
+
+    def cancel_when_compressing() -> None:
+        wait_for(lambda: store.get_job(job_id).stage == "compress")
+        store.request_cancel(job_id)
+
+    canceller = threading.Thread(target=cancel_when_compressing)
+    canceller.start()
+    worker.run_worker(once=True)
+    canceller.join()
+    job = store.get_job(job_id)
+    assert job.status == "cancelled", (job.status, job.error)
+    assert job.cancel_requested == 1 and job.artifact_dir is None and job.ppl is None
+    assert "compress" in job.message
+    assert leftovers(job_id) == []
+
+
+def test_cancel_queued_job_is_immediate_and_never_runs(tiny_llama_dir: Path):
+    job_id = store.submit(str(tiny_llama_dir), PLAN)
+    assert store.request_cancel(job_id).status == "cancelled"
+    assert worker.run_worker(once=True) == 0
+    assert store.get_job(job_id).started_at is None
+    with pytest.raises(ValueError, match="already cancelled"):
+        store.request_cancel(job_id)
+
+
+def test_time_budget_fails_with_reason(slow_llama_dir: Path):
+    job_id = store.submit(str(slow_llama_dir), PLAN, device="cpu", time_budget_s=1e-3)
+    worker.run_worker(once=True)
+    job = store.get_job(job_id)
+    assert job.status == "failed" and "time budget of 0.001 s exceeded" in job.error
+    assert leftovers(job_id) == []
+
+
+def test_pipeline_error_becomes_failed_job_with_short_reason(tiny_llama_dir: Path):
+    # rank 1000 passes plan validation but exceeds what a 64-wide layer allows, so the engine raises
+    job_id = store.submit(str(tiny_llama_dir), Plan(method="svd", rank=1000).to_json(), device="cpu")
+    worker.run_worker(once=True)
+    job = store.get_job(job_id)
+    assert job.status == "failed" and "1000" in job.error and "\n" not in job.error
+    assert "Traceback" in (worker.job_dir(job_id) / "job.log").read_text()
+    assert leftovers(job_id) == []
+
+
+def test_cuda_oom_reason_has_hint():
+    import torch
+
+    assert worker.failure_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB")) == worker.OOM_HINT
+    assert worker.failure_message(RuntimeError("boom\nmore")) == "RuntimeError: boom"
+
+
+def test_sigkill_worker_mid_run_then_recovery_and_next_job(slow_llama_dir: Path, tiny_llama_dir: Path,
+                                                           job_home: Path):
+    first = store.submit(str(slow_llama_dir), PLAN, device="cpu")
+    env = {**os.environ, "SATEN_HOME": str(job_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker", "--once"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: store.get_job(first).stage == "compress" or proc.poll() is not None, every=0.01)
+        assert store.get_job(first).status == "running", proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert store.recover_stale() == [first]
+    job = store.get_job(first)
+    assert job.status == "failed" and f"worker process {proc.pid} died" in job.error
+    assert store.connect().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert not (worker.job_dir(first) / "model").exists()
+    second = store.submit(str(tiny_llama_dir), PLAN, device="cpu")
+    assert worker.run_worker(once=True) == 1
+    assert store.get_job(second).status == "succeeded"
+    assert store.get_job(first).status == "failed"
+
+
+def test_silent_worker_is_recovered_after_30_s(tiny_llama_dir: Path):
+    job_id = store.submit(str(tiny_llama_dir), PLAN)
+    job = store.claim_next(os.getpid())  # this process is alive, so only the heartbeat age can fail it
+    assert job.id == job_id and store.recover_stale(time.time() + 5) == []
+    assert store.recover_stale(time.time() + store.STALE_AFTER_S + 5) == [job_id]
+    assert "stopped sending heartbeats" in store.get_job(job_id).error
+
+
+def test_two_concurrent_submits_each_get_one_row(tiny_llama_dir: Path, job_home: Path):
+    ids: list[int] = []
+    threads = [threading.Thread(target=lambda: ids.append(store.submit(str(tiny_llama_dir), PLAN)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    code = f"from saten_core.jobs import store; print(store.submit({str(tiny_llama_dir)!r}, {PLAN!r}))"
+    env = {**os.environ, "SATEN_HOME": str(job_home)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ids += [int(p.communicate(timeout=300)[0]) for p in procs]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert sorted(j.id for j in store.list_jobs()) == sorted(ids)
+
+
+def test_claim_is_atomic_across_threads(tiny_llama_dir: Path):
+    store.submit(str(tiny_llama_dir), PLAN)
+    got: list = []
+    barrier = threading.Barrier(4)
+
+    def claim(pid: int) -> None:
+        barrier.wait()
+        got.append(store.claim_next(pid))
+
+    threads = [threading.Thread(target=claim, args=(100000 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(j is not None for j in got) == 1
+
+
+def test_db_survives_reopen_and_rows_round_trip_json(tiny_llama_dir: Path, job_home: Path):
+    job_id = store.submit(str(tiny_llama_dir), PLAN, evaluate=True, time_budget_s=60)
+    before = store.get_job(job_id)
+    assert store.Job.from_dict(json.loads(json.dumps(before.to_dict()))) == before
+    reopened = cli("jobs", "show", str(job_id), "--json", home=job_home)
+    assert reopened.returncode == 0, reopened.stderr
+    assert store.Job.from_dict(json.loads(reopened.stdout)) == before
+    assert before.evaluate and before.time_budget_s == 60
+
+
+def test_cli_submit_list_show_cancel(tiny_llama_dir: Path, job_home: Path, tmp_path: Path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(PLAN)
+    out = cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(plan_file), "--eval", "--json",
+              home=job_home)
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["id"]
+    listed = json.loads(cli("jobs", "list", "--json", home=job_home).stdout)
+    assert [j["id"] for j in listed] == [job_id] and listed[0]["status"] == "queued"
+    assert cli("jobs", "cancel", str(job_id), home=job_home).returncode == 0
+    assert store.get_job(job_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("args", [("show", "424242"), ("cancel", "424242")])
+def test_unknown_job_id_exits_2_with_one_line(job_home: Path, args):
+    out = cli("jobs", *args, home=job_home)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "424242" in out.stderr and out.stdout == ""
+
+
+def test_cli_rejects_unknown_model_with_exit_2(job_home: Path, tmp_path: Path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(PLAN)
+    out = cli("jobs", "submit", "--model", "no-such-model", "--plan", str(plan_file), "--json", home=job_home)
+    assert out.returncode == 2 and "no-such-model" in out.stderr and "Traceback" not in out.stderr
+    assert store.list_jobs() == []
+
+
+def test_ensure_worker_spawns_one_detached_worker_that_runs_the_queue(tiny_llama_dir: Path):
+    job_id = store.submit(str(tiny_llama_dir), PLAN, device="cpu")
+    pid = worker.ensure_worker(idle_exit_s=3)
+    wait_for(lambda: pid in store.live_workers(), timeout=120, every=0.05)
+    assert worker.ensure_worker(idle_exit_s=3) == pid  # a live heartbeat: no second worker
+    wait_for(lambda: store.get_job(job_id).status in store.FINAL_STATUSES, timeout=300, every=0.2)
+    assert store.get_job(job_id).status == "succeeded", store.get_job(job_id).error
+    wait_for(lambda: not store.pid_alive(pid), timeout=60, every=0.2)
+    assert store.live_workers() == []
