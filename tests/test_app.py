@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from saten_core.roi import GPU_CATALOG, HOURS_PER_MONTH
+
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
@@ -133,3 +135,42 @@ def test_results_and_roi_render_with_or_without_runs(path):
     at = page(path)
     no_exception(at)
     assert at.info or at.dataframe
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tiny_llama_dir):
+    """A real reference run and a real Saten run of the tiny model, both evaluated, executed in this process."""
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    ids = [jobs.submit(str(tiny_llama_dir), Plan(exclude=["*"]).to_json(), evaluate=True),
+           jobs.submit(str(tiny_llama_dir), Plan(method="saten", target_ratio=0.6).to_json(), evaluate=True)]
+    while any(jobs.get_job(i).status == "queued" for i in ids):
+        jobs.run_worker(once=True)
+    assert [jobs.get_job(i).status for i in ids] == ["succeeded", "succeeded"], [jobs.get_job(i).error for i in ids]
+    return ids
+
+
+@pytest.mark.slow
+def test_results_page_shows_tradeoffs_and_layer_errors(finished_runs):
+    at = page("pages/results.py")
+    no_exception(at)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # size trade-off, latency trade-off, per-layer error
+    table = at.dataframe[0].value
+    assert finished_runs[1] in list(table["id"]) and "original (reference)" in " ".join(table["label"])
+
+
+@pytest.mark.slow
+def test_roi_page_computes_from_the_measured_run(finished_runs):
+    at = page("pages/roi.py")
+    no_exception(at)
+    assert not at.error
+    assert metric(at, "Decode speed vs original").endswith("x")
+    before = metric(at, "Monthly saving")
+    at.number_input(key="roi_replicas").set_value(40).run()
+    no_exception(at)
+    assert at.dataframe[0].value.iloc[2]["original"] == 40
+    cost = at.dataframe[0].value.set_index("metric").loc["Monthly cost ($)", "original"]
+    assert cost == pytest.approx(40 * GPU_CATALOG["NVIDIA L4 (24 GB)"]["price_per_hour"] * HOURS_PER_MONTH)
+    assert metric(at, "Monthly saving") != before
