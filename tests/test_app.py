@@ -167,10 +167,8 @@ def test_roi_page_computes_from_the_measured_run(finished_runs):
     no_exception(at)
     assert not at.error
     assert metric(at, "Decode speed vs original").endswith("x")
-    before = metric(at, "Monthly saving")
     at.number_input(key="roi_replicas").set_value(40).run()
     no_exception(at)
     assert at.dataframe[0].value.iloc[2]["original"] == 40
     cost = at.dataframe[0].value.set_index("metric").loc["Monthly cost ($)", "original"]
     assert cost == pytest.approx(40 * GPU_CATALOG["NVIDIA L4 (24 GB)"]["price_per_hour"] * HOURS_PER_MONTH)
-    assert metric(at, "Monthly saving") != before
