@@ -1,0 +1,342 @@
+"""SatenLinear: one nn.Module for Saten, TT, truncated SVD and pruning (low-rank TT part + fixed-mask sparse part)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from saten_core.sparse import (
+    mask_bytes,
+    nm_mask,
+    pack_mask,
+    packed_dtype,
+    packed_numel,
+    topk_mask,
+    unpack_mask,
+)
+from saten_core.spec import LayerSpec
+from saten_core.tensorize import tensorize, tensorized_shape
+from saten_core.tt import capped_ranks, tt_factor_pair, tt_param_count, tt_svd
+
+SPARSE_PATHS = ("auto", "dense", "csr", "gather")
+# Sparse-term rule measured by bench/bench_layer.py on CPU (docs/benchmarks/maths.md): torch CSR beats a
+# matmul with a cached dense residual only at low density; index gather only for a few tokens at very low
+# density. On CUDA the dense residual matmul wins at every density we measured that matters here.
+CSR_MAX_DENSITY = 0.1
+GATHER_MAX_WORK = 0  # tokens * nnz below which the index gather is used (0: never, it lost every case)
+
+
+def _has_lowrank(method: str) -> bool:
+    return method != "prune"
+
+
+def _has_sparse(spec: LayerSpec) -> bool:
+    """Whether the method keeps a sparse part: prune always, saten when density > 0 or 2:4."""
+    if spec.method == "prune":
+        return True
+    return spec.method == "saten" and (spec.structure == "2:4" or spec.density > 0)
+
+
+def _modes(in_features: int, out_features: int, spec: LayerSpec) -> tuple[list[int], list[int]]:
+    order = 1 if spec.method == "svd" else spec.order
+    return tensorized_shape(in_features, out_features, order)
+
+
+def _nnz(in_features: int, out_features: int, spec: LayerSpec) -> int:
+    if not _has_sparse(spec):
+        return 0
+    numel = in_features * out_features
+    return numel // 2 if spec.structure == "2:4" else round(spec.density * numel)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def predict_bytes(in_features: int, out_features: int, spec: LayerSpec, dtype: torch.dtype) -> int | None:
+    """Exact bytes `SatenLinear.from_linear` will store (cores + kept values + mask; bias excluded).
+
+    Returns None when eps decides the TT ranks (they depend on the weights).
+    Example:
+        >>> predict_bytes(576, 1536, LayerSpec(method="svd", rank=8), torch.float16)
+        33792
+    """
+    spec.validate(in_features, out_features)
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    if _has_lowrank(spec.method):
+        if spec.eps is not None:
+            return None
+        in_modes, out_modes = _modes(in_features, out_features, spec)
+        modes = in_modes + out_modes
+        total += tt_param_count(modes, capped_ranks(modes, spec.rank)) * elem
+    if _has_sparse(spec):
+        nnz = _nnz(in_features, out_features, spec)
+        total += nnz * elem + mask_bytes(in_features * out_features, nnz, spec.structure)
+    return total
+
+
+class SatenLinear(nn.Module):
+    """y = x (A B + R)^T + b with A B the pre-contracted TT part and R the fixed-mask sparse residual.
+
+    Parameters: `cores` (TT cores, trainable), `values` (kept residual values in row-major order of the
+    (in, out) mask, trainable). Buffer `mask`: the fixed mask, packed (int32 indices, bitmask or 2-bit 2:4
+    positions). The forward never rebuilds the dense weight per call: A (in, r), B (r, out) and the sparse
+    operand are cached while the parameters are unchanged (checked by tensor version counters) and rebuilt
+    live when gradients are needed.
+
+    Sparse term (`sparse_path="auto"`): training -> scatter values into a dense R (differentiable);
+    inference on CPU -> torch CSR when density <= CSR_MAX_DENSITY, else a cached dense R and one matmul;
+    on CUDA -> cached dense R (or the 2:4 semi-structured kernel after `enable_semi_structured()`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: LayerSpec, *, ranks: list[int], nnz: int,
+                 mask_format: str | None, bias: bool, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        spec.validate(in_features, out_features)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        in_modes, out_modes = _modes(in_features, out_features, spec) if _has_lowrank(spec.method) else ([], [])
+        self.modes, self.n_in_modes, self.ranks = in_modes + out_modes, len(in_modes), list(ranks)
+        kw = {"dtype": dtype, "device": device}
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty(ranks[k], n, ranks[k + 1], **kw)) for k, n in enumerate(self.modes)]
+        )
+        self.values = nn.Parameter(torch.empty(nnz, **kw))
+        self.mask_format = mask_format
+        numel = in_features * out_features
+        packed = packed_numel(mask_format, numel, nnz) if mask_format else 0
+        self.register_buffer("mask", torch.empty(packed, dtype=packed_dtype(mask_format or "bitmask"), device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.sparse_path = "auto"
+        self._semi_structured = False
+        self._cache: dict = {}
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, *, scores: Tensor | None = None) -> SatenLinear:
+        """Compress `linear` with `spec`; `scores` (in, out) optionally multiply |residual| to choose the mask.
+
+        Example:
+            >>> layer = SatenLinear.from_linear(nn.Linear(64, 128), LayerSpec(rank=8, density=0.1))
+            >>> layer(torch.randn(2, 64)).shape
+            torch.Size([2, 128])
+        """
+        in_f, out_f = linear.in_features, linear.out_features
+        spec.validate(in_f, out_f)
+        if scores is not None and tuple(scores.shape) != (in_f, out_f):
+            raise ValueError(f"scores must have shape (in, out) = ({in_f}, {out_f}), got {tuple(scores.shape)}")
+        w = linear.weight.detach()
+        wt = w.float().mT  # (in, out)
+        cores, residual = cls._lowrank(wt, in_f, out_f, spec, w.dtype)
+        mask, fmt, packed = cls._residual_mask(residual, spec, scores)
+        layer = cls(in_f, out_f, spec, ranks=[1] + [int(g.shape[-1]) for g in cores] if cores else [],
+                    nnz=int(mask.sum()) if mask is not None else 0, mask_format=fmt,
+                    bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            for p, g in zip(layer.cores, cores, strict=True):
+                p.copy_(g)
+            if mask is not None:
+                layer.values.copy_(residual[mask])
+                layer.mask.copy_(packed)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @staticmethod
+    def _lowrank(wt: Tensor, in_f: int, out_f: int, spec: LayerSpec, dtype: torch.dtype) -> tuple[list, Tensor]:
+        """TT cores (at the stored dtype) and the residual Wt - TT(Wt) seen by the sparse part (float32)."""
+        if not _has_lowrank(spec.method):
+            return [], wt
+        in_modes, out_modes = _modes(in_f, out_f, spec)
+        cores = [g.to(dtype) for g in tt_svd(tensorize(wt, in_modes, out_modes), eps=spec.eps, max_rank=spec.rank)]
+        a, b = tt_factor_pair([g.float() for g in cores], len(in_modes))
+        return cores, wt - a @ b  # residual against the rounded cores, so the sparse part corrects them too
+
+    @staticmethod
+    def _residual_mask(residual: Tensor, spec: LayerSpec, scores: Tensor | None):
+        """(mask (in, out) bool, format, packed) for the sparse part, or (None, None, None) without one."""
+        if not _has_sparse(spec):
+            return None, None, None
+        score = residual.abs() if scores is None else residual.abs() * scores.to(residual.device).float()
+        mask = nm_mask(score) if spec.structure == "2:4" else topk_mask(score, spec.density)
+        fmt, packed = pack_mask(mask, spec.structure)
+        return mask, fmt, packed
+
+    # ---- layout / skeleton --------------------------------------------------------------------------
+    def layout(self) -> dict:
+        """JSON-able description from which `from_layout` rebuilds an empty skeleton of the same shapes."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "spec": self.spec.to_dict(),
+                "modes": list(self.modes), "n_in_modes": self.n_in_modes, "ranks": list(self.ranks),
+                "nnz": int(self.values.numel()), "mask_format": self.mask_format, "bias": self.bias is not None,
+                "dtype": _dtype_name(self.values.dtype)}
+
+    @classmethod
+    def from_layout(cls, layout: dict, *, device=None) -> SatenLinear:
+        """Empty skeleton (uninitialised tensors) ready for `load_state_dict`."""
+        dtype = getattr(torch, layout["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {layout['dtype']!r} in layout")
+        spec = LayerSpec.from_dict(layout["spec"])
+        return cls(layout["in_features"], layout["out_features"], spec, ranks=layout["ranks"], nnz=layout["nnz"],
+                   mask_format=layout["mask_format"], bias=layout["bias"], dtype=dtype, device=device)
+
+    # ---- accounting ---------------------------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor in state_dict except the bias: cores + kept values + packed mask."""
+        return sum(t.numel() * t.element_size() for name, t in self.state_dict().items() if name != "bias")
+
+    def param_count(self) -> int:
+        """Trainable numbers of the compressed weight: core sizes + kept values (bias excluded)."""
+        return sum(g.numel() for g in self.cores) + self.values.numel()
+
+    def rank(self) -> int:
+        """Matrix rank r of the low-rank part (the bond between input-side and output-side cores)."""
+        return self.ranks[self.n_in_modes] if self.ranks else 0
+
+    def macs_per_token(self) -> int:
+        """Multiply-adds per token with a sparse kernel: r*(in + out) for the factor pair + one per kept value."""
+        return self.rank() * (self.in_features + self.out_features) + self.values.numel()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.spec.method}, "
+                f"ranks={self.ranks}, nnz={self.values.numel()}, structure={self.spec.structure}")
+
+    # ---- dense views --------------------------------------------------------------------------------
+    def _flat_index(self) -> Tensor:
+        """Row-major flat positions in (in, out) of the kept values (derived from the packed mask, cached)."""
+        key = ("index", self.mask.data_ptr(), self.mask._version, self.mask.device)
+        if self._cache.get("index_key") != key:
+            shape = (self.in_features, self.out_features)
+            flat = unpack_mask(self.mask_format, self.mask, shape).reshape(-1).nonzero().reshape(-1)
+            self._cache.update(index_key=key, index=flat)
+        return self._cache["index"]
+
+    def _residual(self) -> Tensor:
+        """Dense R (in, out) with the kept values scattered in (differentiable in `values`)."""
+        flat = torch.zeros(self.in_features * self.out_features, dtype=self.values.dtype, device=self.values.device)
+        if self.values.numel():
+            flat = flat.index_put((self._flat_index(),), self.values)
+        return flat.reshape(self.in_features, self.out_features)
+
+    def _factor_pair(self) -> tuple[Tensor, Tensor]:
+        return tt_factor_pair(list(self.cores), self.n_in_modes)
+
+    def to_dense(self) -> Tensor:
+        """The equivalent dense weight (out, in), like `nn.Linear.weight`."""
+        wt = self._residual() if self.values.numel() or not len(self.cores) else None
+        if len(self.cores):
+            a, b = self._factor_pair()
+            wt = a @ b if wt is None else a @ b + wt
+        return wt.mT
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in [*self.cores, self.values])
+
+    def _param_key(self, path: str) -> tuple:
+        return (path, self._semi_structured) + tuple(
+            (p.data_ptr(), p._version, p.device, p.dtype) for p in [*self.cores, self.values, self.mask])
+
+    def _choose_path(self, tokens: int) -> str:
+        """The sparse-term implementation for this call (see the class docstring for the measured rule)."""
+        if self.sparse_path != "auto":
+            return self.sparse_path
+        density = self.values.numel() / (self.in_features * self.out_features)
+        if self.values.device.type != "cpu":
+            return "dense"
+        if tokens * self.values.numel() <= GATHER_MAX_WORK:
+            return "gather"
+        return "csr" if density <= CSR_MAX_DENSITY else "dense"
+
+    def _cached(self, path: str) -> dict:
+        """Inference operands (factor pair, sparse operand) for `path`, rebuilt only when parameters change."""
+        key = self._param_key(path)
+        entry = self._cache.get(path)
+        if entry is None or entry["key"] != key:
+            with torch.no_grad():
+                entry = {"key": key, "ab": self._factor_pair() if len(self.cores) else None,
+                         "sparse": self._sparse_operand(path) if self.values.numel() else None}
+            self._cache = {k: v for k, v in self._cache.items() if k.startswith("index")} | {path: entry}
+        return entry
+
+    def _sparse_operand(self, path: str):
+        if path == "csr":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, measured, chosen anyway
+                warnings.simplefilter("ignore", UserWarning)
+                return self._residual().mT.contiguous().to_sparse_csr()  # (out, in)
+        if path == "gather":
+            flat = self._flat_index()
+            return flat // self.out_features, flat % self.out_features, self.values.detach()
+        r = self._residual()
+        if self._semi_structured:
+            from torch.sparse import to_sparse_semi_structured
+
+            return to_sparse_semi_structured(r.mT.contiguous())  # (out, in), 2:4 along the input dimension
+        return r
+
+    def _sparse_term(self, x2d: Tensor, path: str, operand) -> Tensor:
+        if path == "csr":
+            return torch.sparse.mm(operand, x2d.mT).mT
+        if path == "gather":
+            rows, cols, vals = operand
+            out = x2d.new_zeros(x2d.shape[0], self.out_features)
+            return out.index_add_(1, cols, x2d[:, rows] * vals)
+        if self._semi_structured:
+            return F.linear(x2d, operand)
+        return x2d @ operand
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out): (x A) B + sparse term + bias, without rebuilding the dense weight."""
+        x2d = x.reshape(-1, self.in_features)  # (T, in)
+        if self._needs_grad():
+            y = self._train_forward(x2d)
+        else:
+            path = self._choose_path(x2d.shape[0])
+            entry = self._cached(path)
+            y = None
+            if entry["ab"] is not None:
+                y = (x2d @ entry["ab"][0]) @ entry["ab"][1]
+            if entry["sparse"] is not None:
+                s = self._sparse_term(x2d, path, entry["sparse"])
+                y = s if y is None else y + s
+        if y is None:
+            y = x2d.new_zeros(x2d.shape[0], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _train_forward(self, x2d: Tensor) -> Tensor | None:
+        """Differentiable path: factor pair from the live cores, values scattered into a dense residual."""
+        y = None
+        if len(self.cores):
+            a, b = self._factor_pair()
+            y = (x2d @ a) @ b
+        if self.values.numel():
+            s = x2d @ self._residual()
+            y = s if y is None else y + s
+        return y
+
+    def enable_semi_structured(self) -> None:
+        """Use PyTorch's 2:4 semi-structured sparse kernel for the residual (CUDA, compute capability >= 8.0,
+        fp16/bf16 only; off by default, it helps large prefill batches and loses at batch-1 decode)."""
+        if self.spec.structure != "2:4":
+            raise ValueError(f"semi-structured kernels need structure '2:4', got {self.spec.structure!r}")
+        dev = self.values.device
+        if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 8:
+            raise ValueError(f"semi-structured kernels need a CUDA device of compute capability >= 8.0, got {dev}")
+        if self.values.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"semi-structured kernels need float16/bfloat16 weights, got {self.values.dtype}")
+        self._semi_structured, self.sparse_path = True, "dense"
+        self._cache = {}
+
+
+def mask_of(layer: SatenLinear) -> Tensor:
+    """The boolean (in, out) mask of a layer's sparse part (all False when it has none)."""
+    shape = (layer.in_features, layer.out_features)
+    if layer.mask_format is None:
+        return torch.zeros(shape, dtype=torch.bool, device=layer.mask.device)
+    return unpack_mask(layer.mask_format, layer.mask, shape)
+
