@@ -1,0 +1,200 @@
+"""Budget-driven allocation: per-layer rank/density that minimise total predicted error under a byte target.
+
+Objective: the sum over layers of the predicted squared relative error e_l^2 (preview.py's model), every layer
+weighted equally (each block linear's output error matters relative to its own signal, and norms differ a lot
+between q/k/v/o/MLP layers). Constraint: sum of exact stored weight bytes <= target_ratio * dense block-linear
+weight bytes (biases are identical on both sides and left out, as plan.py does).
+Method: per layer, a table of candidate settings (exact bytes from layer.predict_bytes, predicted error), its
+lower convex hull, then greedy marginal gain per byte from every layer's cheapest point (the Lagrangian
+solution), and a last pass that spends the leftover on the best non-hull candidate that still fits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from saten_core.plan import Override, Plan, matching_override, selected
+from saten_core.preview import sparse_energy_share, tail_share, torch_dtype, tt_error_sq
+from saten_core.spec import LayerSpec
+
+Progress = Callable[[str, float, str], None]
+SATEN_DENSITIES = (0.0, *np.geomspace(1e-3, 1.0, 40).round(6).tolist())
+PRUNE_DENSITIES = tuple(np.linspace(0.005, 1.0, 200).round(6).tolist())
+_SATEN_RANKS = 48  # rank caps tried per layer for saten (log-spaced); tt/svd try every rank
+
+
+def _max_rank(n_in: int, n_out: int, method: str, order: int) -> int:
+    """Largest rank cap that changes anything: the biggest exact bond of the tensorisation."""
+    from saten_core.tensorize import tensorized_shape
+    from saten_core.tt import capped_ranks
+
+    in_modes, out_modes = tensorized_shape(n_in, n_out, 1 if method == "svd" else order)
+    return max(1, min(max(capped_ranks(in_modes + out_modes, None)), n_in, n_out))
+
+
+@lru_cache(maxsize=64)
+def _grid(n_in: int, n_out: int, method: str, structure: str, order: int, dtype: torch.dtype) -> tuple:
+    """(ranks, densities, bytes[r, d]) for one layer shape: exact stored bytes of every candidate setting."""
+    from saten_core.layer import predict_bytes
+
+    top = _max_rank(n_in, n_out, method, order)
+    if method == "prune":
+        ranks = [None]
+    elif method == "saten":
+        ranks = sorted({int(round(r)) for r in np.geomspace(1, top, _SATEN_RANKS)})
+    else:
+        ranks = list(range(1, top + 1))
+    if structure == "2:4" and method in ("saten", "prune"):
+        densities = [0.5]
+    else:
+        densities = {"saten": SATEN_DENSITIES, "prune": PRUNE_DENSITIES}.get(method, (0.0,))
+    spec = LayerSpec(method=method, structure=structure, order=1 if method == "svd" else order)
+    table = np.array([[predict_bytes(n_in, n_out, replace(spec, rank=r, density=d), dtype) for d in densities]
+                      for r in ranks], dtype=np.float64)
+    return ranks, list(densities), table
+
+
+def _lowrank_err_sq(layer: dict, method: str, ranks: list, order: int) -> np.ndarray:
+    """Predicted e^2 of the low-rank part for every rank cap (1 for prune, which has none)."""
+    from saten_core.tt import capped_ranks
+
+    if method == "prune":
+        return np.ones(1)
+    if method == "svd":
+        return np.array([tail_share(layer["singular_values"], r) for r in ranks])
+    modes = layer["tt_modes"][0] + layer["tt_modes"][1]
+    return np.array([tt_error_sq(layer, capped_ranks(modes, r)) for r in ranks])
+
+
+def layer_candidates(layer: dict, plan: Plan) -> dict:
+    """All settings tried for one layer: bytes, predicted e^2 and (rank, density) per candidate, plus dense."""
+    n_in, n_out = layer["in_features"], layer["out_features"]
+    dtype = torch_dtype(layer["dtype"])
+    ranks, densities, table = _grid(n_in, n_out, plan.method, plan.structure, plan.order, dtype)
+    low = _lowrank_err_sq(layer, plan.method, ranks, plan.order)
+    if plan.method in ("saten", "prune"):
+        kept = np.array([sparse_energy_share(layer, d, plan.structure) if d > 0 or plan.structure == "2:4"
+                         else 0.0 for d in densities])
+        err = low[:, None] * (1.0 - kept[None, :])
+    else:
+        err = low[:, None] * np.ones((1, len(densities)))
+    settings = [(r, d) for r in ranks for d in densities] + [None]  # None = keep the layer dense
+    dense = float(n_in * n_out * dtype.itemsize)
+    return {"bytes": np.append(table.ravel(), dense), "err": np.append(err.ravel(), 0.0), "settings": settings}
+
+
+def lower_hull(nbytes: np.ndarray, err: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of (bytes, err), bytes increasing and err strictly decreasing."""
+    order = np.lexsort((err, nbytes))
+    hull: list[int] = []
+    for i in order:
+        if hull and (nbytes[i] == nbytes[hull[-1]] or err[i] >= err[hull[-1]]):
+            continue  # same bytes with no better error, or more bytes for no gain
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (nbytes[b] - nbytes[a]) * (err[i] - err[a]) - (err[b] - err[a]) * (nbytes[i] - nbytes[a])
+            if cross > 0:
+                break
+            hull.pop()  # b lies on or above the segment a -> i
+        hull.append(int(i))
+    return hull
+
+
+def greedy(cands: list[dict], budget: float) -> list[int]:
+    """Chosen candidate index per layer: hull-greedy by error drop per byte, then fill the leftover."""
+    hulls = [lower_hull(c["bytes"], c["err"]) for c in cands]
+    pos = [0] * len(cands)
+    used = sum(c["bytes"][h[0]] for c, h in zip(cands, hulls, strict=True))
+    if used > budget:
+        raise ValueError(f"target is too small: the cheapest setting of every layer needs {int(used)} bytes "
+                         f"> budget {int(budget)}")
+    heap = [(-_slope(c, h, 0), i) for i, (c, h) in enumerate(zip(cands, hulls, strict=True)) if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        c, h = cands[i], hulls[i]
+        step = c["bytes"][h[pos[i] + 1]] - c["bytes"][h[pos[i]]]
+        if used + step > budget:
+            continue  # this layer's next step does not fit; others may
+        used += step
+        pos[i] += 1
+        if pos[i] + 1 < len(h):
+            heapq.heappush(heap, (-_slope(c, h, pos[i]), i))
+    chosen = [h[p] for h, p in zip(hulls, pos, strict=True)]
+    return _fill(cands, chosen, budget - used)
+
+
+def _slope(c: dict, hull: list[int], k: int) -> float:
+    a, b = hull[k], hull[k + 1]
+    return (c["err"][a] - c["err"][b]) / (c["bytes"][b] - c["bytes"][a])
+
+
+def _fill(cands: list[dict], chosen: list[int], left: float) -> list[int]:
+    """Spend what the hull steps could not use on any candidate that lowers a layer's error and still fits."""
+    for i in sorted(range(len(cands)), key=lambda i: -cands[i]["err"][chosen[i]]):
+        c, cur = cands[i], chosen[i]
+        ok = (c["bytes"] <= c["bytes"][cur] + left) & (c["err"] < c["err"][cur])
+        if ok.any():
+            best = int(np.flatnonzero(ok)[np.argmin(c["err"][ok])])
+            left -= c["bytes"][best] - c["bytes"][cur]
+            chosen[i] = best
+    return chosen
+
+
+def _override(name: str, setting: tuple | None, plan: Plan) -> Override:
+    if setting is None:
+        return Override(pattern=name, skip=True)
+    rank, density = setting
+    if plan.method in ("tt", "svd") or plan.structure == "2:4":
+        return Override(pattern=name, rank=rank)
+    return Override(pattern=name, rank=rank, density=float(density))
+
+
+def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
+                  spectra: dict | None = None) -> Plan:
+    """A Plan with one override per layer (exact names) meeting plan.target_ratio of block-linear bytes.
+
+    Layers the plan does not select, or skips by an override, stay dense and count against the budget; the
+    plan's other overrides are replaced. The result has no target_ratio: its overrides fix every layer, so a
+    user can edit any of them and compress/dry-run as usual.
+    Example:
+        >>> plan = allocate_plan(load_model("smollm2-135m"), Plan(method="saten", target_ratio=0.8))
+        >>> plan.overrides[0]
+    """
+    from saten_core.spectrum import model_spectra
+
+    plan.validate()
+    if plan.target_ratio is None:
+        raise ValueError("allocation needs a target ratio (fraction of block-linear bytes to keep), got None")
+    if plan.method == "saten" and plan.order != 2 or plan.method == "tt" and plan.order != 2:
+        raise ValueError(f"allocation uses order-2 unfolding spectra; plan order {plan.order} is not supported")
+    model = getattr(loaded, "model", loaded)
+    spectra = spectra if spectra is not None else model_spectra(model, progress=progress)
+    free, fixed_bytes, total = [], 0.0, 0.0
+    for layer in spectra["layers"]:
+        dense = layer["in_features"] * layer["out_features"] * torch_dtype(layer["dtype"]).itemsize
+        total += dense
+        keep = matching_override(plan, layer["name"])
+        if selected(plan, layer["name"]) and not (keep is not None and keep.skip):
+            free.append(layer)
+        else:
+            fixed_bytes += dense
+    budget = math.floor(plan.target_ratio * total) - fixed_bytes
+    cands = []
+    for i, layer in enumerate(free):
+        cands.append(layer_candidates(layer, plan))
+        if progress:
+            progress("allocate", (i + 1) / max(len(free), 1), layer["name"])
+    chosen = greedy(cands, budget)
+    skips = [o for o in plan.overrides if o.skip]
+    overrides = [_override(layer["name"], c["settings"][k], plan) for layer, c, k in zip(free, cands, chosen,
+                                                                                          strict=True)]
+    return replace(plan, target_ratio=None, rank=None, eps=None, overrides=skips + overrides)
