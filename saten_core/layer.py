@@ -245,8 +245,8 @@ class SatenLinear(nn.Module):
         if self.sparse_path != "auto":
             return self.sparse_path
         density = self.values.numel() / (self.in_features * self.out_features)
-        if self.values.device.type != "cpu":
-            return "dense"
+        if self.values.device.type != "cpu" or self.values.dtype not in (torch.float32, torch.float64):
+            return "dense"  # CPU CSR matmul has no fp16/bf16 kernel
         if tokens * self.values.numel() <= GATHER_MAX_WORK:
             return "gather"
         return "csr" if density <= CSR_MAX_DENSITY else "dense"

@@ -214,3 +214,13 @@ def test_semi_structured_refuses_cpu(linear):
     layer = SatenLinear.from_linear(linear, LayerSpec(rank=4, structure="2:4"))
     with pytest.raises(ValueError, match="cpu"):
         layer.enable_semi_structured()
+
+
+def test_half_precision_forward_auto_path(linear, x):
+    half = nn.Linear(IN, OUT).half()
+    layer = SatenLinear.from_linear(half, LayerSpec(rank=4, density=0.05))
+    assert all(g.dtype == torch.float16 for g in layer.cores) and layer.values.dtype == torch.float16
+    with torch.no_grad():
+        y = layer(x.half())
+    ref = x.half().float() @ layer.to_dense().detach().float().T + half.bias.detach().float()
+    assert y.dtype == torch.float16 and torch.allclose(y.float(), ref, atol=1e-2)

@@ -1,0 +1,99 @@
+"""Bench: our TT-SVD vs tensorly's default tensor_train vs one thin SVD per layer, on SmolLM2-135M's block linears.
+
+Run: PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --rank 128 --repeats 3
+Prints one Markdown table (median total seconds over all layers, ratios measured side by side in each repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import tensorly as tl
+import torch
+from tensorly.decomposition import tensor_train
+
+from saten_core import tt
+from saten_core.tensorize import tensorize, tensorized_shape
+
+
+def load_weights(model: str) -> list[torch.Tensor]:
+    """Wt (in, out) of every compressible block linear, float32."""
+    from saten_core.models import linear_layers, load_model
+
+    loaded = load_model(model)
+    return [lin.weight.detach().float().T.contiguous() for _, lin in linear_layers(loaded.model)]
+
+
+def ours(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    return tt.tt_svd(t, max_rank=rank)
+
+
+def ours_exact(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """Our sweep with the randomized SVD switched off (exact Gram / QR route everywhere)."""
+    saved = tt.RANDOMIZED_FRACTION
+    tt.RANDOMIZED_FRACTION = 0.0
+    try:
+        return tt.tt_svd(t, max_rank=rank)
+    finally:
+        tt.RANDOMIZED_FRACTION = saved
+
+
+def tensorly_default(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    with tl.backend_context("pytorch"):
+        return list(tensor_train(t, rank=rank))
+
+
+def thin_svd(wt: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    u, s, vh = torch.linalg.svd(wt, full_matrices=False)
+    return [u, s, vh]
+
+
+def total_seconds(fn: Callable, tensors: list[torch.Tensor], rank: int) -> float:
+    start = time.perf_counter()
+    for t in tensors:
+        fn(t, rank)
+    return time.perf_counter() - start
+
+
+def mean_error(fn: Callable, tensors: list[torch.Tensor], rank: int) -> float:
+    """Mean relative Frobenius error of the TT approximation (quality check: fast must not mean worse)."""
+    errs = [float(torch.linalg.norm(tt.tt_to_tensor(fn(t, rank)) - t) / torch.linalg.norm(t)) for t in tensors]
+    return sum(errs) / len(errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--order", type=int, default=2)
+    args = ap.parse_args()
+    mats = load_weights(args.model)
+    tensors = [tensorize(w, *tensorized_shape(*w.shape, args.order)) for w in mats]
+    methods = {"ours (auto: randomized when rank << unfolding)": (ours, tensors),
+               "ours, exact Gram/QR SVDs only": (ours_exact, tensors),
+               "tensorly tensor_train (default full SVDs)": (tensorly_default, tensors),
+               "one thin torch.linalg.svd per layer": (thin_svd, mats)}
+    runs = {name: [] for name in methods}
+    for _ in range(args.repeats):  # interleaved, so the ratios compare runs made side by side
+        for name, (fn, data) in methods.items():
+            runs[name].append(total_seconds(fn, data, args.rank))
+    base = runs["ours (auto: randomized when rank << unfolding)"]
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(mats)} layers of {args.model}, "
+          f"rank cap {args.rank}, order {args.order}, {args.repeats} repeats")
+    print("| method | median total s | median ratio to ours | mean rel. error |")
+    print("|---|---:|---:|---:|")
+    for name, (fn, data) in methods.items():
+        ratio = statistics.median(t / b for t, b in zip(runs[name], base, strict=True))
+        err = "n/a (full SVD)" if fn is thin_svd else f"{mean_error(fn, data, args.rank):.4f}"
+        print(f"| {name} | {statistics.median(runs[name]):.2f} | {ratio:.2f}x | {err} |")
+
+
+if __name__ == "__main__":
+    main()
