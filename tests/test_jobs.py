@@ -199,6 +199,23 @@ def test_sigkill_worker_mid_run_then_recovery_and_next_job(slow_llama_dir: Path,
     assert store.get_job(first).status == "failed"
 
 
+def test_sigterm_stops_worker_and_records_the_job(slow_llama_dir: Path, job_home: Path):
+    job_id = store.submit(str(slow_llama_dir), PLAN, device="cpu")
+    env = {**os.environ, "SATEN_HOME": str(job_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: store.get_job(job_id).stage == "compress" or proc.poll() is not None, every=0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = store.get_job(job_id)
+    assert job.status == "failed" and "worker was stopped" in job.error and "compress" in job.error
+    assert leftovers(job_id) == [] and store.live_workers() == []
+
+
 def test_silent_worker_is_recovered_after_30_s(tiny_llama_dir: Path):
     job_id = store.submit(str(tiny_llama_dir), PLAN)
     job = store.claim_next(os.getpid())  # this process is alive, so only the heartbeat age can fail it
@@ -260,6 +277,7 @@ def test_cli_submit_list_show_cancel(tiny_llama_dir: Path, job_home: Path, tmp_p
     job_id = json.loads(out.stdout)["id"]
     listed = json.loads(cli("jobs", "list", "--json", home=job_home).stdout)
     assert [j["id"] for j in listed] == [job_id] and listed[0]["status"] == "queued"
+    assert "result_json" not in listed[0] and store.Job.from_dict(listed[0]).evaluate
     assert cli("jobs", "cancel", str(job_id), home=job_home).returncode == 0
     assert store.get_job(job_id).status == "cancelled"
 

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--status", choices=store.STATUSES, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--full", action="store_true", help="with --json: include each job's result_json report")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="one job with its progress, metrics and error")
     p.add_argument("id", type=int)
@@ -65,7 +66,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     store.recover_stale()
     jobs = store.list_jobs(status=args.status, limit=args.limit)
     if args.json:
-        print(json.dumps([j.to_dict() for j in jobs], indent=2))
+        rows = [j.to_dict() for j in jobs]
+        if not args.full:  # reports hold every layer: keep the listing small, `show` has the full row
+            rows = [{k: v for k, v in r.items() if k != "result_json"} for r in rows]
+        print(json.dumps(rows, indent=2))
     else:
         print(format_table([summary(j) for j in jobs]))
     return 0

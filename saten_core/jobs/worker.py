@@ -69,7 +69,14 @@ class JobRun:
         return self.stop_reason is not None
 
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
-        """Record stage, fraction and an ETA (elapsed / fraction - elapsed); throttled to keep the DB quiet."""
+        """Record stage, fraction and an ETA (elapsed / fraction - elapsed); throttled to keep the DB quiet.
+
+        Also stops the job at stage boundaries (load, evaluate, save), not only between layers.
+        """
+        if self.should_stop():
+            from saten_core.compress import Cancelled
+
+            raise Cancelled(f"{self.stop_reason} at stage {stage}")
         fraction = min(max(float(fraction), 0.0), 1.0)
         now = time.monotonic()
         if stage == self.last_stage and fraction < 1.0 and now - self.last_write < PROGRESS_EVERY_S:
@@ -145,7 +152,7 @@ def execute(job: store.Job, pid: int) -> str:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a row, KeyboardInterrupt included
             status, values = _classify(run, exc)
             log.write(traceback.format_exc() if status == "failed" else f"stopped: {values.get('message')}")
-            if isinstance(exc, KeyboardInterrupt):
+            if not isinstance(exc, Exception):  # Ctrl-C / SIGTERM / exit: record the job, then let the worker end
                 _finish(run, status, values)
                 raise
         finally:
@@ -168,7 +175,8 @@ def _run_pipeline(run: JobRun) -> dict[str, Any]:
         report = pipeline.compress_to_dir(run.job.model_ref, Plan.from_json(run.job.plan_json), tmp,
                                           device=device, progress=run.progress, should_stop=run.should_stop,
                                           evaluate=run.job.evaluate, **tokens)
-    result_json = json.dumps(report, default=str)
+    # layer layouts only matter for reloading, and they live in model/report.json
+    result_json = json.dumps({k: v for k, v in report.items() if k != "layouts"}, default=str)
     return {**metrics_from_report(report), "result_json": result_json, "artifact_dir": str(out),
             "stage": "done", "fraction": 1.0, "eta_seconds": 0.0, "message": "finished"}
 
@@ -179,6 +187,9 @@ def _classify(run: JobRun, exc: BaseException) -> tuple[str, dict[str, Any]]:
         return "cancelled", {"message": f"cancelled during {run.last_stage or 'start-up'}", "eta_seconds": None}
     if run.stop_reason is not None:
         return "failed", {"error": run.stop_reason, "eta_seconds": None}
+    if not isinstance(exc, Exception):
+        why = f"worker was stopped ({type(exc).__name__}: {exc})" if str(exc) else f"worker was stopped ({exc!r})"
+        return "failed", {"error": f"{why} during {run.last_stage or 'start-up'}", "eta_seconds": None}
     return "failed", {"error": failure_message(exc), "eta_seconds": None}
 
 
@@ -198,6 +209,7 @@ def run_worker(*, once: bool = False, idle_exit_s: float | None = None, pid: int
     pid = os.getpid() if pid is None else pid
     with _worker_lock() as got:
         if not got:
+            print(f"another worker already serves {saten_home()}; this one exits", file=sys.stderr)
             return 0
         store.recover_stale()
         try:
