@@ -236,8 +236,9 @@ class SatenLinear(nn.Module):
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in [*self.cores, self.values])
 
-    def _param_key(self, path: str) -> tuple:
-        return (path, self._semi_structured) + tuple(
+    def _param_key(self) -> tuple:
+        """Changes whenever a parameter or the mask is replaced, moved, cast or updated in place."""
+        return (self._semi_structured,) + tuple(
             (p.data_ptr(), p._version, p.device, p.dtype) for p in [*self.cores, self.values, self.mask])
 
     def _choose_path(self, tokens: int) -> str:
@@ -251,16 +252,22 @@ class SatenLinear(nn.Module):
             return "gather"
         return "csr" if density <= CSR_MAX_DENSITY else "dense"
 
-    def _cached(self, path: str) -> dict:
-        """Inference operands (factor pair, sparse operand) for `path`, rebuilt only when parameters change."""
-        key = self._param_key(path)
-        entry = self._cache.get(path)
-        if entry is None or entry["key"] != key:
-            with torch.no_grad():
-                entry = {"key": key, "ab": self._factor_pair() if len(self.cores) else None,
-                         "sparse": self._sparse_operand(path) if self.values.numel() else None}
-            self._cache = {k: v for k, v in self._cache.items() if k.startswith("index")} | {path: entry}
-        return entry
+    def _cached(self, path: str) -> tuple[tuple[Tensor, Tensor] | None, object]:
+        """Inference operands (factor pair, sparse operand for `path`), rebuilt only when parameters change.
+
+        Operands of several paths live side by side (prefill and decode may choose different ones).
+        """
+        key = self._param_key()
+        if self._cache.get("key") != key:
+            index = {k: v for k, v in self._cache.items() if k.startswith("index")}
+            self._cache = index | {"key": key, "ops": {}, "ab": None}
+        with torch.no_grad():
+            if self._cache["ab"] is None and len(self.cores):
+                self._cache["ab"] = self._factor_pair()
+            ops = self._cache["ops"]
+            if path not in ops:
+                ops[path] = self._sparse_operand(path) if self.values.numel() else None
+        return self._cache["ab"], ops[path]
 
     def _sparse_operand(self, path: str):
         if path == "csr":
@@ -295,12 +302,12 @@ class SatenLinear(nn.Module):
             y = self._train_forward(x2d)
         else:
             path = self._choose_path(x2d.shape[0])
-            entry = self._cached(path)
+            ab, operand = self._cached(path)
             y = None
-            if entry["ab"] is not None:
-                y = (x2d @ entry["ab"][0]) @ entry["ab"][1]
-            if entry["sparse"] is not None:
-                s = self._sparse_term(x2d, path, entry["sparse"])
+            if ab is not None:
+                y = (x2d @ ab[0]) @ ab[1]
+            if operand is not None:
+                s = self._sparse_term(x2d, path, operand)
                 y = s if y is None else y + s
         if y is None:
             y = x2d.new_zeros(x2d.shape[0], self.out_features)

@@ -164,10 +164,11 @@ def test_inference_reuses_cached_factor_pair(linear, x):
     layer = SatenLinear.from_linear(linear, LayerSpec(rank=4, density=0.5))
     with torch.no_grad():
         layer(x)
-        first = {k: v["ab"][0] for k, v in layer._cache.items() if not k.startswith("index")}
-        layer(x)
-        second = {k: v["ab"][0] for k, v in layer._cache.items() if not k.startswith("index")}
-    assert first and all(first[k] is second[k] for k in first)
+        first = layer._cached(layer._choose_path(x.shape[0]))
+        layer(x[:1])
+        second = layer._cached(layer._choose_path(1))
+    assert first[0][0] is second[0][0] and first[0][1] is second[0][1]
+    assert first[1] is second[1] or layer._choose_path(1) != layer._choose_path(x.shape[0])
 
 
 def test_scores_change_the_mask(linear):
