@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
@@ -164,30 +165,30 @@ def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:
 
 def _fit_budget(plan: Plan, base: LayerSpec, override: Override | None, n_in: int, n_out: int, dtype) -> LayerSpec:
     """Pick the free rank / density so predict_bytes fits target_ratio * dense bytes (largest that fits)."""
-    budget = int(plan.target_ratio * dense_weight_bytes(n_in, n_out, dtype))
     rank_fixed = override is not None and (override.rank is not None or override.eps is not None)
     density_fixed = (override is not None and override.density is not None) or plan.structure == "2:4"
+    return _fit_cached(base, plan.target_ratio, plan.lowrank_share, rank_fixed, density_fixed, n_in, n_out, dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fit_cached(base: LayerSpec, ratio: float, share: float, rank_fixed: bool, density_fixed: bool,
+                n_in: int, n_out: int, dtype) -> LayerSpec:
+    """Memoised by value: a model repeats a handful of shapes, so 210 layers cost ~7 searches."""
+    budget = int(ratio * dense_weight_bytes(n_in, n_out, dtype))
     if base.method in ("svd", "tt"):
-        return base if rank_fixed else _largest_rank(base, budget, n_in, n_out, dtype, plan.target_ratio)
+        return base if rank_fixed else _largest_rank(base, budget, n_in, n_out, dtype, ratio)
     if base.method == "prune":
         if density_fixed:
-            return _check_fits(base, budget, n_in, n_out, dtype, plan.target_ratio)
-        return _largest_density(base, budget, n_in, n_out, dtype, plan.target_ratio)
-    return _fit_saten(plan, base, budget, rank_fixed, density_fixed, n_in, n_out, dtype)
-
-
-def _fit_saten(plan: Plan, base: LayerSpec, budget: int, rank_fixed: bool, density_fixed: bool,
-               n_in: int, n_out: int, dtype) -> LayerSpec:
-    """Saten: TT part gets lowrank_share of the budget, the residual the rest (fixed parts take theirs first)."""
-    ratio = plan.target_ratio
+            return _check_fits(base, budget, n_in, n_out, dtype, ratio)
+        return _largest_density(base, budget, n_in, n_out, dtype, ratio)
     if rank_fixed and density_fixed:
         return _check_fits(base, budget, n_in, n_out, dtype, ratio)
     if rank_fixed:
         return _largest_density(base, budget, n_in, n_out, dtype, ratio)
     if density_fixed:
         return _largest_rank(base, budget, n_in, n_out, dtype, ratio)
-    tt_only = replace(base, method="tt", density=0.0)
-    tt = _largest_rank(tt_only, int(plan.lowrank_share * budget), n_in, n_out, dtype, ratio)
+    # saten, both free: the TT part gets `share` of the budget, the residual fills the rest
+    tt = _largest_rank(replace(base, method="tt", density=0.0), int(share * budget), n_in, n_out, dtype, ratio)
     return _largest_density(replace(base, rank=tt.rank), budget, n_in, n_out, dtype, ratio)
 
 
