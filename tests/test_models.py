@@ -158,3 +158,30 @@ def test_minilm_loads():
     lm = models.load_model("minilm-l6")
     assert lm.kind == "encoder"
     assert len(models.linear_layers(lm.model)) == 36
+
+
+def test_warm_cache_is_a_no_op_when_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SATEN_MODEL_CACHE", str(tmp_path))
+    folder = models.smollm_cache_dir()
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (folder / f).write_text("{}")
+
+    def must_not_run(out_dir: Path) -> None:
+        raise AssertionError("dequantised although the cache was complete")
+
+    monkeypatch.setattr(models, "_dequantise_smollm", must_not_run)
+    models.warm_cache()
+
+
+def test_config_kind_without_architectures():
+    from transformers import BertConfig, LlamaConfig
+
+    assert models.config_kind(LlamaConfig()) == "decoder"
+    assert models.config_kind(BertConfig()) == "encoder"
+    assert models.config_kind(LlamaConfig(architectures=["LlamaForSequenceClassification"])) == "encoder"
+
+
+def test_file_instead_of_folder(tiny_llama_dir: Path):
+    with pytest.raises(ValueError, match="is a file"):
+        models.load_model(str(tiny_llama_dir / "config.json"))
