@@ -28,12 +28,18 @@ def build_report(loaded: Any, layers: list[dict], **extra: Any) -> dict:
     """Report dict: per-layer reports, totals and where the model came from (what reloading needs)."""
     from saten_core.compress import totals
 
-    report = {"source_ref": str(loaded.ref), "name": loaded.name, "kind": loaded.kind,
+    report = {"source_ref": source_ref(loaded.ref), "name": loaded.name, "kind": loaded.kind,
               "dtype": str(getattr(loaded, "dtype", torch.float32)).removeprefix("torch."),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "layers": layers, "totals": totals(layers)}
     report.update(extra)
     return report
+
+
+def source_ref(ref: str) -> str:
+    """A local folder is stored as an absolute path, so eval finds the original from any working directory."""
+    path = Path(ref)
+    return str(path.resolve()) if path.is_dir() else str(ref)
 
 
 def saten_layouts(model: nn.Module) -> dict[str, dict]:

@@ -110,11 +110,24 @@ def evaluate_pair(reference: Any, candidate: Any, *, text: str | None = None, to
     return out
 
 
+def load_original(folder: str | Path, device: str) -> Any:
+    """The model a compressed DIR was made from (named in its report), for KL / top-1 / similarity."""
+    from saten_core.checkpoint import read_report
+    from saten_core.models import load_model
+
+    original = read_report(folder).get("source_ref")
+    try:
+        return load_model(original, device=device)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"original model {original!r} of {folder} cannot be loaded for comparison: "
+                         f"{' '.join(str(exc).split())}") from None
+
+
 def evaluate_ref(ref: str, *, text: str | None = None, tokens: int = EVAL_TOKENS, device: str = "auto",
                  latency: bool = False) -> dict:
     """Evaluate a model ref or a compressed DIR (then also against the original named in its report)."""
     from saten_core import evaluate
-    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed, read_report
+    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed
     from saten_core.models import load_model, resolve_device
 
     dev = resolve_device(device)
@@ -123,7 +136,7 @@ def evaluate_ref(ref: str, *, text: str | None = None, tokens: int = EVAL_TOKENS
         out = evaluate_model(loaded, text=text, tokens=tokens)
     else:
         loaded = load_compressed(ref, dev)
-        reference = load_model(read_report(ref)["source_ref"], device=dev)
+        reference = load_original(ref, dev)
         out = evaluate_pair(reference, loaded, text=text, tokens=tokens)
         out["file_bytes"] = evaluate.file_size(Path(ref) / WEIGHTS)
     out.update(model=ref, device=dev)

@@ -143,3 +143,12 @@ def test_compress_to_dir_with_evaluation(tiny_llama_dir, tmp_path):
     assert json.loads((tmp_path / "dir" / "report.json").read_text())["eval"]["kl"] == ev["kl"]
     with pytest.raises(ValueError, match="not empty"):
         compress_to_dir(str(tiny_llama_dir), Plan(method="svd", rank=2), tmp_path / "dir", device="cpu")
+
+
+def test_evaluate_ref_names_a_missing_original(tiny_llama_dir, tmp_path):
+    from saten_core.pipeline import evaluate_ref
+
+    _, report, out = compressed_copy(tiny_llama_dir, tmp_path, Plan(method="svd", rank=4))
+    assert Path(report["source_ref"]).is_absolute()
+    with pytest.raises(ValueError, match="original model .* cannot be loaded"):
+        evaluate_ref(str(out), tokens=128, device="cpu")
