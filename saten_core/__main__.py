@@ -106,13 +106,13 @@ def allocate(loaded, plan):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
+    if args.allocate and importlib.util.find_spec("saten_core.allocate") is None:
+        raise ValueError("--allocate is not available yet")
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals
 
-    plan = plan_from_args(args)
-    if args.allocate and importlib.util.find_spec("saten_core.allocate") is None:
-        raise ValueError("--allocate is not available yet")
     loaded = load_model(args.model, device="cpu")
     if args.allocate:
         plan = allocate(loaded, plan)
