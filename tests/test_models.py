@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from saten_core import models
 
@@ -24,25 +23,6 @@ def pickle_only_dir(tmp_path: Path, tiny_llama_dir: Path) -> Path:
         f.unlink()
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
     return folder
-
-
-class FakeSatenLinear(nn.Module):
-    """Stands in for a compressed layer only by shape: listing must recognise replacements by name/features."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.a = nn.Parameter(torch.zeros(in_features, 2))
-        self.b = nn.Parameter(torch.zeros(2, out_features))
-
-    def to_dense(self) -> torch.Tensor:
-        return (self.a @ self.b).T
-
-    def param_count(self) -> int:
-        return self.a.numel() + self.b.numel()
-
-    def stored_bytes(self) -> int:
-        return (self.a.numel() + self.b.numel()) * 4
 
 
 def test_load_local_llama_folder(tiny_llama_dir: Path):
@@ -107,13 +87,19 @@ def test_layer_table_counts_bias_and_bytes(tiny_bert_dir: Path):
 
 
 def test_compressed_layers_still_listed(tiny_llama_dir: Path):
+    from saten_core.layer import SatenLinear
+    from saten_core.spec import LayerSpec
+
     lm = models.load_model(str(tiny_llama_dir))
     attn = lm.model.model.layers[0].self_attn
-    attn.q_proj = FakeSatenLinear(attn.q_proj.in_features, attn.q_proj.out_features)
+    attn.q_proj = SatenLinear.from_linear(attn.q_proj, LayerSpec(method="saten", rank=4, density=0.1))
     rows = {r["name"]: r for r in models.layer_table(lm.model)}
     assert len(rows) == 14
     q = rows["model.layers.0.self_attn.q_proj"]
-    assert q["params"] == 64 * 2 + 2 * 64 and q["type"] == "FakeSatenLinear"
+    assert q["type"] == "SatenLinear" and (q["in_features"], q["out_features"]) == (64, 64)
+    assert q["params"] == attn.q_proj.param_count() < 64 * 64
+    assert q["bytes"] == attn.q_proj.stored_bytes()
+    assert rows["model.layers.0.self_attn.k_proj"]["type"] == "dense"
 
 
 def test_list_models_params_are_counted():
