@@ -155,7 +155,7 @@ def preview_layer(plan: Plan, layer: dict) -> dict:
     nnz = nnz_of(layer, spec)
     weight_bytes, exact = _stored_bytes(layer, spec, ranks, nnz, dtype)
     mid = ranks[len(_modes(layer, spec)) // 2] if ranks else 0
-    row.update(spec=spec.to_dict(), ranks=ranks or None, nnz=nnz, predicted_bytes=weight_bytes + bias,
+    row.update(spec=spec.to_dict(), ranks=ranks, nnz=nnz, predicted_bytes=weight_bytes + bias,
                bytes_exact=exact, macs_per_token=mid * (n_in + n_out) + nnz,
                predicted_rel_error=math.sqrt(predicted_error_sq(layer, spec, ranks)))
     return row
