@@ -167,6 +167,23 @@ def test_pipeline_error_becomes_failed_job_with_short_reason(tiny_llama_dir: Pat
     assert leftovers(job_id) == []
 
 
+def test_progress_records_stage_fraction_and_eta(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(worker, "PROGRESS_EVERY_S", 0.0)
+    store.submit(str(tiny_llama_dir), PLAN)
+    job = store.claim_next(os.getpid())
+    run = worker.JobRun(job=job, pid=os.getpid(), log=worker.JobLog(worker.job_dir(job.id) / "job.log"))
+    run.progress("compress", 0.1, "layer 1")
+    assert store.get_job(job.id).eta_seconds is None  # no rate yet
+    run.progress("compress", 0.4, "layer 4")
+    row = store.get_job(job.id)
+    assert (row.stage, row.fraction, row.message) == ("compress", 0.4, "layer 4") and row.eta_seconds >= 0
+    run.progress("compress", 1.0, "done")
+    assert store.get_job(job.id).eta_seconds == 0
+    store.request_cancel(job.id)
+    with pytest.raises(Exception, match="cancelled at stage save"):
+        run.progress("save", 0.0, "writing")
+
+
 def test_cuda_oom_reason_has_hint():
     import torch
 

@@ -292,11 +292,12 @@ def recover_stale(now: float | None = None) -> list[int]:
 
 
 def _forget_dead_workers(now: float) -> None:
+    """Drop worker rows that no longer heartbeat; writes only when there is one (list/show poll often)."""
     alive = set(live_workers(now))
-    with _transaction(connect()) as conn:
-        for (pid,) in conn.execute("SELECT pid FROM workers").fetchall():
-            if pid not in alive:
-                conn.execute("DELETE FROM workers WHERE pid = ?", (pid,))
+    dead = [pid for (pid,) in connect().execute("SELECT pid FROM workers").fetchall() if pid not in alive]
+    if dead:
+        with _transaction(connect()) as conn:
+            conn.executemany("DELETE FROM workers WHERE pid = ?", [(pid,) for pid in dead])
 
 
 def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: int | None = None,

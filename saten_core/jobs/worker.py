@@ -52,6 +52,8 @@ class JobRun:
     pid: int
     log: JobLog
     t0: float = field(default_factory=time.monotonic)
+    stage_t0: float = field(default_factory=time.monotonic)  # fractions are per stage, so is the ETA:
+    stage_f0: float = 0.0  # rate = (fraction - stage_f0) / (now - stage_t0), from the stage's first report
     stop_reason: str | None = None  # "cancelled" or a time-budget message, once decided
     last_write: float = 0.0
     last_stage: str | None = None
@@ -69,7 +71,7 @@ class JobRun:
         return self.stop_reason is not None
 
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
-        """Record stage, fraction and an ETA (elapsed / fraction - elapsed); throttled to keep the DB quiet.
+        """Record stage, fraction and the stage's ETA (time left at the rate seen so far); throttled DB writes.
 
         Also stops the job at stage boundaries (load, evaluate, save), not only between layers.
         """
@@ -83,8 +85,10 @@ class JobRun:
             return
         if stage != self.last_stage:
             self.log.write(f"[{stage}] {message}".rstrip())
+            self.stage_t0, self.stage_f0 = now, fraction
         self.last_write, self.last_stage = now, stage
-        eta = self.elapsed() * (1.0 - fraction) / fraction if fraction > 0 else None
+        done = fraction - self.stage_f0
+        eta = (now - self.stage_t0) * (1.0 - fraction) / done if done > 0 else None
         store.update_running(self.job.id, self.pid, stage=stage, fraction=fraction, eta_seconds=eta,
                              message=message or None)
 
