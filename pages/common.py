@@ -35,6 +35,51 @@ def loaded_model(ref: str | None = None) -> Any | None:
         return None
 
 
+@st.cache_data(show_spinner="Computing the singular values of every layer (minutes on a CPU, once per model) ...",
+               max_entries=4)
+def spectra(ref: str) -> dict:
+    """Spectra of the model's block linears (saten_core.spectrum keeps a disk cache keyed by the weights)."""
+    from saten_core.spectrum import model_spectra
+
+    return model_spectra(_load(ref).model)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _spectra_on_disk(ref: str) -> bool:
+    from saten_core.models import linear_layers
+    from saten_core.spectrum import cache_path, weights_fingerprint
+
+    return cache_path(weights_fingerprint(linear_layers(_load(ref).model), extra="order=2")).exists()
+
+
+def spectra_if_ready(ref: str) -> dict | None:
+    """All-layer spectra when already computed for these weights, else None (never starts the long computation)."""
+    return spectra(ref) if _spectra_on_disk(ref) else None
+
+
+def compute_all_spectra(ref: str) -> None:
+    """Button callback: compute (and disk-cache) every layer's spectrum, then refresh the readiness check."""
+    spectra(ref)
+    _spectra_on_disk.clear()
+
+
+@st.cache_data(show_spinner="Computing this layer's spectrum ...", max_entries=64)
+def layer_spectrum(ref: str, name: str) -> dict:
+    """Spectrum of one layer: about a second, so the Spectrum page is usable before the full scan exists."""
+    from saten_core.models import linear_layers
+    from saten_core.spectrum import compute_spectra
+
+    layers = dict(linear_layers(_load(ref).model))
+    return compute_spectra([(name, layers[name])])["layers"][0]
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def layer_names(ref: str) -> list[str]:
+    from saten_core.models import linear_layers
+
+    return [name for name, _ in linear_layers(_load(ref).model)]
+
+
 def library(name: str, what: str) -> ModuleType | None:
     """Import saten_core.<name>, or say the feature is still being built (never fake its result)."""
     try:

@@ -6,7 +6,16 @@ import math
 import pandas as pd
 import streamlit as st
 
-from pages.common import PLAN_KEY, human_bytes, library, loaded_model, model_caption, model_ref, show_error
+from pages.common import (
+    PLAN_KEY,
+    human_bytes,
+    library,
+    loaded_model,
+    model_caption,
+    model_ref,
+    show_error,
+    spectra_if_ready,
+)
 from saten_core import charts
 from saten_core.plan import Override, Plan, dry_run, dry_run_totals
 from saten_core.spec import METHODS, STRUCTURES
@@ -30,14 +39,32 @@ def load_recipe() -> None:
     except (ValueError, UnicodeDecodeError) as exc:
         st.session_state["plan_upload_error"] = f"Recipe not loaded: {exc}"
         return
-    st.session_state.update(plan_method=plan.method, plan_structure=plan.structure,
-                            plan_mode="Target budget" if plan.target_ratio else "Rank and density",
+    mode = "Target budget" if plan.target_ratio else "Error bound" if plan.eps else "Rank and density"
+    st.session_state.update(plan_method=plan.method, plan_structure=plan.structure, plan_mode=mode,
                             plan_density=plan.density, plan_share=plan.lowrank_share,
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
     if plan.target_ratio:
         st.session_state["plan_target"] = plan.target_ratio
     if plan.rank:
         st.session_state["plan_rank"] = plan.rank
+    if plan.eps:
+        st.session_state["plan_eps"] = plan.eps
+
+
+def allocate(settings: dict) -> None:
+    """Button callback: per-layer ranks/densities that meet the budget with the least predicted error.
+
+    The result fills the override table (one row per layer), which the user can then edit.
+    """
+    from saten_core.allocate import allocate_plan
+
+    try:
+        plan = allocate_plan(loaded_model(), Plan(**settings), spectra=spectra_if_ready(model_ref()))
+    except ValueError as exc:
+        st.session_state["plan_upload_error"] = f"Allocation failed: {exc}"
+        return
+    st.session_state.update(plan_mode="Rank and density",
+                            plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
 
 
 @st.cache_data(show_spinner=False)
@@ -62,8 +89,8 @@ def overrides(frame: pd.DataFrame) -> list[Override]:
 
 with st.sidebar:
     st.file_uploader("Load a recipe (plan JSON)", type=["json"], key="plan_upload", on_change=load_recipe)
-    if msg := st.session_state.pop("plan_upload_error", None):
-        st.error(msg)
+if msg := st.session_state.pop("plan_upload_error", None):
+    st.error(msg)
 
 c1, c2, c3 = st.columns(3)
 method = c1.selectbox("Method", METHODS, key="plan_method",
@@ -77,6 +104,10 @@ if mode == "Target budget":
                                          key="plan_target")
     settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.05, 1.0, 0.5, 0.05,
                                           key="plan_share")
+    ready = spectra_if_ready(model_ref()) is not None
+    s1.button("Allocate per layer for this budget", on_click=allocate, args=(dict(settings),), disabled=not ready,
+              key="plan_allocate", help="needs the all-layer spectra (Spectrum page)" if not ready else
+              "fills the override table with per-layer settings that minimise the predicted error")
 else:
     if mode == "Rank and density":
         settings["rank"] = s1.slider("TT rank cap", 1, max_rank(model_ref()), min(32, max_rank(model_ref())),
@@ -113,19 +144,20 @@ if totals["predicted_bytes"] is not None:
 else:
     m[3].metric("Kept", "set by eps", help="an error bound picks each rank at compression time")
 
-preview = library("preview", "Per-layer predicted error and multiply-adds")
-if preview is not None:
-    try:
-        pv = pd.DataFrame(preview.preview(lm.model, plan))
-        st.plotly_chart(charts.layer_error_chart(pv, "predicted_error", "Predicted per-layer relative error"),
-                        key="plan_error_chart")
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        show_error(exc)
+data = spectra_if_ready(model_ref())
+if data is None:
+    st.info("Predicted per-layer error, multiply-adds and budget allocation need the all-layer spectra: "
+            "compute them once on the Spectrum page.", icon=":material/insights:")
+elif (preview := library("preview", "Per-layer predicted error")) is not None:
+    pv = preview.preview(plan, data)
+    m[3].caption(f"Multiply-adds per token: {pv['totals']['macs_per_token'] / pv['totals']['macs_before']:.1%} "
+                 f"of dense; RMS predicted error {pv['totals']['rel_error_rms']:.3f}")
+    st.plotly_chart(charts.layer_error_chart(pd.DataFrame(pv["layers"]), "predicted_rel_error",
+                                             "Predicted per-layer relative error"), key="plan_error_chart")
 table = pd.DataFrame(rows)
 table["spec"] = table["spec"].map(lambda s: "dense" if s is None else json.dumps(s))
 st.dataframe(table, hide_index=True, height=300, key="plan_table")
 
-alloc = library("allocate", "Budget-driven allocation")
 d1, d2 = st.columns(2)
 d1.download_button("Save recipe (plan JSON)", plan.to_json(), file_name="saten-plan.json",
                    mime="application/json", icon=":material/download:", key="plan_download")

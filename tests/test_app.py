@@ -79,13 +79,33 @@ def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
     assert at.error and "Cannot load model" in at.error[0].value
 
 
-def test_spectrum_page_draws_layer_charts_and_heatmap(tiny_llama_dir):
+def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir):
     at = page("pages/spectrum.py", model=str(tiny_llama_dir))
     no_exception(at)
-    assert len(at.get("plotly_chart")) == 4
+    assert len(at.get("plotly_chart")) == 3  # singular values, energy, TT unfoldings of one layer
     assert metric(at, "Shape (out x in)") == "64 x 64"
     at.slider(key="spectrum_rank").set_value(2).run()
     no_exception(at)
+    at.button(key="spectrum_all").click().run()
+    no_exception(at)
+    assert len(at.get("plotly_chart")) == 4  # + the layer x module heatmap
+    assert at.dataframe[0].value.shape[0] == 14
+
+
+def test_plan_allocation_fills_overrides_within_budget(tiny_llama_dir):
+    at = page("pages/spectrum.py", model=str(tiny_llama_dir))
+    if any(b.key == "spectrum_all" for b in at.button):  # allocation needs the all-layer spectra
+        at.button(key="spectrum_all").click().run()
+    at.switch_page("pages/plan.py").run()
+    no_exception(at)
+    assert len(at.get("plotly_chart")) == 1  # predicted per-layer error
+    at.slider(key="plan_target").set_value(0.6).run()
+    at.button(key="plan_allocate").click().run()
+    no_exception(at)
+    assert at.radio(key="plan_mode").value == "Rank and density"
+    assert len(at.session_state["plan_overrides"]) == 14
+    kept = float(metric(at, "Kept").rstrip("%")) / 100
+    assert kept <= 0.6
 
 
 def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
