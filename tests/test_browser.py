@@ -1,0 +1,199 @@
+"""End to end in headless Debian Chromium: the manager's demo path on the embedded SmolLM2, screenshots of each page.
+
+Run: .venv/bin/python -m pytest -q -m browser tests/test_browser.py     (about 5-10 minutes on 2 CPU cores)
+Screenshots land in test-artifacts/screenshots/, the downloaded report in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+SHOTS = ARTIFACTS / "screenshots"
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+JOB_TIMEOUT_S = 15 * 60
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "
+                       "(apt-get update && apt-get install -y chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(isolated_home):
+    """`streamlit run app.py` on a free localhost port, with the test's SATEN_HOME; stopped afterwards."""
+    port = free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true"], cwd=ROOT, env=dict(os.environ), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"streamlit did not come up on {url}; see {log.name}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:  # a script thread busy in torch ignores SIGTERM for a while
+        proc.kill()
+        proc.wait(timeout=20)
+    log.close()
+    stop_workers()
+
+
+def stop_workers() -> None:
+    """The app started a detached job worker for this test's SATEN_HOME: stop it by its recorded pid."""
+    import signal
+
+    from saten_core.jobs import store
+
+    for pid in store.live_workers():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def idle(page, timeout_s: float = 300) -> None:
+    """Wait until the app finished its script run (the 'Running...' status widget is gone)."""
+    page.wait_for_timeout(800)
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=timeout_s * 1000)
+    page.wait_for_timeout(500)
+
+
+def open_page(page, title: str, timeout_s: float = 300) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    idle(page, timeout_s)
+    page.get_by_role("heading", name=title).first.wait_for(timeout=timeout_s * 1000)
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def no_traceback(page) -> None:
+    assert page.get_by_test_id("stException").count() == 0, page.get_by_test_id("stException").first.inner_text()
+
+
+def metric_value(page, label: str) -> str:
+    box = page.get_by_test_id("stMetric").filter(has_text=label).first
+    return box.get_by_test_id("stMetricValue").inner_text()
+
+
+def test_manager_demo_path_end_to_end(browser_page):
+    page = browser_page
+    idle(page)
+    page.get_by_role("heading", name="Saten Studio").first.wait_for()
+    shot(page, "01-home")
+
+    open_page(page, "Model")
+    page.get_by_text("Compressible layers").wait_for(timeout=300_000)
+    assert metric_value(page, "Compressible layers") == "210"
+    no_traceback(page)
+    shot(page, "02-model")
+
+    open_page(page, "Spectrum")
+    page.get_by_text("Effective rank").first.wait_for(timeout=300_000)
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(5):
+        slider.press("ArrowRight")
+    idle(page)
+    no_traceback(page)
+    assert page.locator(".js-plotly-plot").count() >= 3
+    shot(page, "03-spectrum")
+
+    open_page(page, "Plan")
+    before = metric_value(page, "Predicted bytes")
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(10):
+        slider.press("ArrowLeft")
+    idle(page)
+    assert metric_value(page, "Predicted bytes") != before
+    no_traceback(page)
+    shot(page, "04-plan")
+
+    open_page(page, "Home")
+    page.get_by_role("button", name="Start the demo run").click()
+    idle(page)
+    ids = [int(i) for i in re.findall(r"jobs? (\d+)", page.get_by_test_id("stAlert").first.inner_text())][:2]
+    assert len(ids) == 2, page.get_by_test_id("stAlert").first.inner_text()
+
+    open_page(page, "Run")
+    wait_for_jobs(ids)
+    page.wait_for_timeout(3000)  # one more poll of the queue fragment
+    shot(page, "05-run")
+
+    open_page(page, "Results")
+    assert page.locator(".js-plotly-plot").count() >= 2
+    no_traceback(page)
+    shot(page, "06-results")
+
+    open_page(page, "ROI")
+    page.get_by_text("Monthly saving").first.wait_for()
+    no_traceback(page)
+    shot(page, "07-roi")
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download report (HTML)").click()
+    report = ARTIFACTS / "saten-roi-report.html"
+    info.value.save_as(report)
+    text = report.read_text()
+    assert "Cost comparison" in text and "Assumptions" in text and "smollm2-135m" in text
+
+
+def wait_for_jobs(ids: list[int]) -> None:
+    """Both demo jobs run for real in the worker the page started; fail with the job's reason if one fails."""
+    from saten_core import jobs
+
+    deadline = time.time() + JOB_TIMEOUT_S
+    while time.time() < deadline:
+        states = [jobs.get_job(i) for i in ids]
+        failed = [j for j in states if j.status in ("failed", "cancelled")]
+        assert not failed, [(j.id, j.status, j.error) for j in failed]
+        if all(j.status == "succeeded" for j in states):
+            return
+        time.sleep(5)
+    pytest.fail(f"demo jobs {ids} did not finish in {JOB_TIMEOUT_S} s: {[jobs.get_job(i).status for i in ids]}")
