@@ -90,6 +90,9 @@ class Plan:
                 raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio!r}")
             if self.rank is not None or self.eps is not None:
                 raise ValueError("target_ratio picks the rank itself; drop rank/eps from the plan (use overrides)")
+            if self.density:
+                raise ValueError(f"target_ratio picks the density itself; drop density {self.density} from the "
+                                 "plan (an override with pattern '*' fixes it)")
         if not (0.0 < self.lowrank_share <= 1.0):
             raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
         for name in ("include", "exclude"):

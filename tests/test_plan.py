@@ -49,6 +49,7 @@ def test_json_round_trip(plan):
     ({"target_ratio": 0.0}, "0.0"),
     ({"target_ratio": 1.2}, "1.2"),
     ({"target_ratio": 0.5, "rank": 4}, "rank"),
+    ({"target_ratio": 0.5, "density": 0.25}, "0.25"),
     ({"lowrank_share": 0.0}, "0.0"),
     ({"colour": "red"}, "colour"),
     ({"overrides": [{"pattern": "*", "rank": -3}]}, "-3"),
