@@ -100,8 +100,6 @@ def allocate(loaded, plan):
         if exc.name == "saten_core.allocate":
             raise ValueError("--allocate is not available yet") from None
         raise
-    if plan.target_ratio is None:
-        raise ValueError("--allocate needs --target-ratio")
     return module.allocate_plan(loaded, plan)
 
 
@@ -109,6 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
     if args.allocate and importlib.util.find_spec("saten_core.allocate") is None:
         raise ValueError("--allocate is not available yet")
+    if args.allocate and plan.target_ratio is None:
+        raise ValueError("--allocate needs --target-ratio")
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals

@@ -135,10 +135,20 @@ def test_plan_2_4_on_odd_width(odd_llama_dir, tmp_path):
                          "--out", tmp_path / "p.json"), "130")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("saten_core.allocate") is not None, reason="allocator has landed")
-def test_allocate_not_available_yet(tiny_llama_dir, tmp_path):
-    assert_bad_input(cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-ratio", "0.8",
-                         "--allocate", "--out", tmp_path / "p.json"), "--allocate is not available yet")
+def test_allocate(tiny_llama_dir, tmp_path):
+    out = tmp_path / "p.json"
+    args = ["plan", "--model", tiny_llama_dir, "--method", "saten", "--target-ratio", "0.6", "--allocate",
+            "--out", out, "--json"]
+    if importlib.util.find_spec("saten_core.allocate") is None:
+        assert_bad_input(cli(*args), "--allocate is not available yet")
+        return
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    tot = json.loads(proc.stdout)["totals"]
+    assert tot["layers_changed"] == 14 and tot["predicted_bytes"] <= 0.6 * tot["bytes_before"]
+    assert len(json.loads(out.read_text())["overrides"]) == 14
+    assert_bad_input(cli("plan", "--model", tiny_llama_dir, "--method", "svd", "--rank", "2", "--allocate",
+                         "--out", out), "--target-ratio")
 
 
 def test_compress_bad_inputs_leave_no_dir(tiny_llama_dir, tmp_path):
