@@ -121,30 +121,30 @@ def _svdvals(batch: torch.Tensor, device: str) -> torch.Tensor:
     return torch.linalg.svdvals(batch.to(device=device, dtype=torch.float32)).cpu()
 
 
-def _chunks(n: int, per_item_bytes: int) -> list[range]:
-    step = max(1, _CHUNK_BYTES // max(per_item_bytes, 1))
+def _chunks(n: int, per_item_bytes: int, device: str) -> list[range]:
+    """Index ranges to stack. CPU: one matrix per call - LAPACK loops over a batch anyway, so stacking would
+    only add a copy; CUDA: up to _CHUNK_BYTES per call, so one cuSOLVER batched call covers a shape group."""
+    step = max(1, _CHUNK_BYTES // max(per_item_bytes, 1)) if device != "cpu" else 1
     return [range(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _group_by_shape(layers: Sequence[tuple[str, nn.Linear]]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for idx, (_, lin) in enumerate(layers):
-        groups.setdefault(tuple(lin.weight.shape), []).append(idx)
-    return groups
+def _stack(mats: list[torch.Tensor]) -> torch.Tensor:
+    """(B, m, n) batch; a single matrix becomes a view, not a copy."""
+    return mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
 
 
 def batched_svdvals(weights: Sequence[torch.Tensor], *, device: str = "cpu", progress: Progress | None = None,
                     ) -> list[torch.Tensor]:
-    """svdvals of every matrix, stacking matrices of one shape so one LAPACK/cuSOLVER call covers a group."""
+    """svdvals of every matrix; on CUDA matrices of one shape are stacked into batched calls (see _chunks)."""
     groups: dict[tuple, list[int]] = {}
     for idx, w in enumerate(weights):
         groups.setdefault(tuple(w.shape), []).append(idx)
     out: list[torch.Tensor | None] = [None] * len(weights)
     done = 0
     for shape, idxs in groups.items():
-        for part in _chunks(len(idxs), 4 * math.prod(shape)):
+        for part in _chunks(len(idxs), 4 * math.prod(shape), device):
             sel = [idxs[i] for i in part]
-            vals = _svdvals(torch.stack([weights[i].detach() for i in sel]), device)
+            vals = _svdvals(_stack([weights[i].detach() for i in sel]), device)
             for i, v in zip(sel, vals, strict=True):
                 out[i] = v
             done += len(sel)
@@ -162,9 +162,9 @@ def unfolding_svdvals(weights: Sequence[torch.Tensor], modes: Sequence[tuple[lis
         groups.setdefault(key, []).append(idx)
     out: list[list[torch.Tensor]] = [[] for _ in weights]
     for (shape, in_modes, out_modes), idxs in groups.items():
-        for part in _chunks(len(idxs), 4 * math.prod(shape)):
+        for part in _chunks(len(idxs), 4 * math.prod(shape), device):
             sel = [idxs[i] for i in part]
-            wt = torch.stack([weights[i].detach() for i in sel]).transpose(1, 2)  # (B, in, out)
+            wt = _stack([weights[i].detach() for i in sel]).transpose(1, 2)  # (B, in, out)
             for unf in tt_unfoldings(wt, in_modes, out_modes):
                 same = unf.shape[-2] == shape[1]  # the (in, out) unfolding: spectrum of W itself
                 vals = [matrix_values[i] for i in sel] if same else list(_svdvals(unf, device))
