@@ -48,9 +48,11 @@ def energy_chart(df: pd.DataFrame, rank: int | None = None, levels: Sequence[flo
     _need(df, ["k", "energy"])
     fig = go.Figure(go.Scatter(x=df["k"], y=df["energy"], mode="lines", name="cumulative energy"))
     for level in levels:
-        fig.add_hline(y=level, line_dash="dot", line_color="grey", annotation_text=f"{level:.0%}")
+        fig.add_hline(y=level, line_dash="dot", line_color="grey", annotation_text=f"{level:.0%}",
+                      annotation_position="bottom left")
     if rank is not None:
-        fig.add_vline(x=rank, line_dash="dash", line_color="crimson", annotation_text=f"rank {rank}")
+        fig.add_vline(x=rank, line_dash="dash", line_color="crimson", annotation_text=f"rank {rank}",
+                      annotation_position="bottom right")
     fig.update_yaxes(range=[0, 1.02])
     return _layout(fig, "Cumulative energy", "rank k", "share of ||W||_F^2 kept")
 
