@@ -323,3 +323,15 @@ def test_ensure_worker_spawns_one_detached_worker_that_runs_the_queue(tiny_llama
     assert store.get_job(job_id).status == "succeeded", store.get_job(job_id).error
     wait_for(lambda: not store.pid_alive(pid), timeout=60, every=0.2)
     assert store.live_workers() == []
+
+
+@pytest.mark.slow
+def test_real_model_job_succeeds_with_metrics_and_report():
+    job_id = store.submit("smollm2-135m", Plan(method="saten", target_ratio=0.9).to_json(), evaluate=True,
+                          tokens=512, device="cpu")
+    assert worker.run_worker(once=True) == 1
+    job = store.get_job(job_id)
+    assert job.status == "succeeded", job.error
+    assert math.isfinite(job.ppl) and job.ppl > 1 and 0 <= job.top1_agreement <= 1 and job.kl >= 0
+    assert job.bytes_after <= 0.9 * job.bytes_before * 1.01
+    assert len(job.result["layers"]) == 210 and (Path(job.artifact_dir) / "report.json").is_file()
