@@ -1,6 +1,6 @@
 """Bench: SatenLinear forward latency vs dense nn.Linear (low-rank term, sparse-term paths, whole layer).
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_layer.py --repeats 15
+Run: PYTHONPATH=. .venv/bin/python bench/bench_layer.py --repeats 15 --threads 1
 Prints Markdown tables of median forward times (ms) over repeats after warm-up; every ratio is taken against a
 dense nn.Linear timed in the same loop, so load on the machine shifts both alike.
 """
@@ -84,7 +84,9 @@ def whole_rows(dense: nn.Linear, x: torch.Tensor, repeats: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP barrier stalls on a loaded machine")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU, {args.repeats} repeats")

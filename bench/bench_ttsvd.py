@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -80,9 +81,10 @@ def main() -> None:
                "tensorly tensor_train (default full SVDs)": (tensorly_default, tensors),
                "one thin torch.linalg.svd per layer": (thin_svd, mats)}
     runs = {name: [] for name in methods}
-    for _ in range(args.repeats):  # interleaved, so the ratios compare runs made side by side
+    for i in range(args.repeats):  # interleaved, so the ratios compare runs made side by side
         for name, (fn, data) in methods.items():
             runs[name].append(total_seconds(fn, data, args.rank))
+            print(f"repeat {i + 1}: {name}: {runs[name][-1]:.2f} s", file=sys.stderr, flush=True)
     base = runs["ours (auto: randomized when rank << unfolding)"]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(mats)} layers of {args.model}, "

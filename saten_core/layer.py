@@ -22,11 +22,12 @@ from saten_core.tensorize import tensorize, tensorized_shape
 from saten_core.tt import capped_ranks, tt_factor_pair, tt_param_count, tt_svd
 
 SPARSE_PATHS = ("auto", "dense", "csr", "gather")
-# Sparse-term rule measured by bench/bench_layer.py on CPU (docs/benchmarks/maths.md): torch CSR beats a
-# matmul with a cached dense residual only at low density; index gather only for a few tokens at very low
-# density. On CUDA the dense residual matmul wins at every density we measured that matters here.
-CSR_MAX_DENSITY = 0.1
-GATHER_MAX_WORK = 0  # tokens * nnz below which the index gather is used (0: never, it lost every case)
+# Sparse-term rule measured by bench/bench_layer.py on CPU, fp32 (docs/benchmarks/maths.md): at 512 tokens torch
+# CSR took 0.18-0.75x of the dense layer's time at density <= 0.05 on both 576x1536 and 1536x576, but 0.63x / 1.89x
+# at 0.1 and 2-12x above; a matmul with a cached dense residual costs ~1x dense at any density. The index gather
+# lost everywhere (1.7-66x), so auto never picks it. Off CPU (and for fp16/bf16) the dense residual is used.
+CSR_MAX_DENSITY = 0.05
+GATHER_MAX_WORK = 0  # tokens * nnz at or below which auto uses the index gather (0: never, it lost every case)
 
 
 def _has_lowrank(method: str) -> bool:
@@ -89,7 +90,8 @@ class SatenLinear(nn.Module):
     live when gradients are needed.
 
     Sparse term (`sparse_path="auto"`): training -> scatter values into a dense R (differentiable);
-    inference on CPU -> torch CSR when density <= CSR_MAX_DENSITY, else a cached dense R and one matmul;
+    inference on CPU in fp32/fp64 -> torch CSR when density <= CSR_MAX_DENSITY (0.05), else a cached dense R
+    and one matmul;
     on CUDA -> cached dense R (or the 2:4 semi-structured kernel after `enable_semi_structured()`).
     """
 
