@@ -198,18 +198,22 @@ def entry_energy_profile(weight: torch.Tensor) -> dict:
 
 
 def weights_fingerprint(layers: Sequence[tuple[str, nn.Linear]], *, extra: str = "") -> str:
-    """sha256 over names, shapes, dtypes, a strided sample of every layer's bytes and exact float64 sums.
+    """sha256 over names, shapes, dtypes, a strided sample of every layer's bytes and one full-pass probe.
 
-    The sums make a change to any single weight miss the cache even when the strided sample skips it.
+    The probe (dot product with a fixed pseudo-random vector, one BLAS pass) makes a change to any single
+    weight, sign flips included, miss the cache even when the strided sample skips it.
     """
     h = hashlib.sha256(f"v{CACHE_VERSION}|{extra}".encode())
+    probes: dict[int, torch.Tensor] = {}
     for name, lin in layers:
         w = lin.weight.detach()
-        flat = w.reshape(-1)
-        step = max(1, flat.numel() // _SAMPLE_ENTRIES)
-        sums = (float(w.sum(dtype=torch.float64)), float(torch.dot(flat, flat)))
-        h.update(f"{name}|{tuple(w.shape)}|{w.dtype}|{sums[0]!r}|{sums[1]!r}".encode())
-        h.update(flat[::step].cpu().contiguous().numpy().tobytes())
+        flat = w.reshape(-1).float().cpu()
+        if flat.numel() not in probes:
+            gen = torch.Generator().manual_seed(flat.numel())
+            probes[flat.numel()] = torch.rand(flat.numel(), generator=gen) + 0.5
+        probe = float(torch.dot(flat, probes[flat.numel()]))
+        h.update(f"{name}|{tuple(w.shape)}|{w.dtype}|{probe!r}".encode())
+        h.update(flat[:: max(1, flat.numel() // _SAMPLE_ENTRIES)].contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -270,8 +274,12 @@ def cache_path(fingerprint: str):
 
 
 def save_cached(fingerprint: str, data: dict) -> None:
-    """Write atomically with a sha256 header line, so a damaged file is detected rather than trusted."""
-    payload = json.dumps(data, separators=(",", ":"))
+    """Write atomically with a sha256 header line, so a damaged file is detected rather than trusted.
+
+    The energy curves are left out (load_cached rebuilds them from the singular values): half the bytes to parse.
+    """
+    slim = {**data, "layers": [{k: v for k, v in layer.items() if k != "energy"} for layer in data["layers"]]}
+    payload = json.dumps(slim, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode()).hexdigest()
     atomic_write_text(cache_path(fingerprint), f"{digest}\n{payload}")
 
@@ -287,7 +295,14 @@ def load_cached(fingerprint: str) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     ok = isinstance(data, dict) and data.get("fingerprint") == fingerprint and data.get("version") == CACHE_VERSION
-    return data if ok and isinstance(data.get("layers"), list) else None
+    if not ok or not isinstance(data.get("layers"), list):
+        return None
+    try:
+        for layer in data["layers"]:
+            layer["energy"] = energy_curve(np.asarray(layer["singular_values"])).tolist()
+    except (KeyError, TypeError, ValueError):
+        return None
+    return data
 
 
 def _resolve_device(device: str) -> str:
