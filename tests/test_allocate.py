@@ -85,3 +85,16 @@ def test_lower_hull_and_greedy_on_a_toy():
     used = sum(c["bytes"][k] for c, k in zip(cands, chosen, strict=True))
     assert used <= 6.0
     assert chosen[0] == 3 and chosen[1] == 0  # best error under 6 bytes: 0 + 4 at 4 + 1 bytes
+
+
+def test_cli_plan_allocate(tiny_llama_dir, tmp_path):
+    from saten_core.__main__ import main
+    from saten_core.models import load_model
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_llama_dir), "--method", "saten", "--target-ratio", "0.7",
+                 "--allocate", "--out", str(out)]) == 0
+    plan = Plan.from_json(out.read_text())
+    assert plan.target_ratio is None and plan.overrides
+    dense, after, _ = _weight_bytes(load_model(str(tiny_llama_dir)).model, plan)
+    assert after <= int(0.7 * dense)
