@@ -1,6 +1,6 @@
 """Bench: our TT-SVD vs tensorly's default tensor_train vs one thin SVD per layer, on SmolLM2-135M's block linears.
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --rank 128 --repeats 3
+Run: PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --rank 128 --repeats 3 --threads 1
 Prints one Markdown table (median total seconds over all layers, ratios measured side by side in each repeat).
 """
 
@@ -54,16 +54,17 @@ def thin_svd(wt: torch.Tensor, rank: int) -> list[torch.Tensor]:
     return [u, s, vh]
 
 
-def total_seconds(fn: Callable, tensors: list[torch.Tensor], rank: int) -> float:
+def timed(fn: Callable, tensors: list[torch.Tensor], rank: int) -> tuple[float, list]:
+    """Total seconds over all layers, and the outputs (kept for the quality check)."""
     start = time.perf_counter()
-    for t in tensors:
-        fn(t, rank)
-    return time.perf_counter() - start
+    outs = [fn(t, rank) for t in tensors]
+    return time.perf_counter() - start, outs
 
 
-def mean_error(fn: Callable, tensors: list[torch.Tensor], rank: int) -> float:
+def mean_error(outputs: list, tensors: list[torch.Tensor]) -> float:
     """Mean relative Frobenius error of the TT approximation (quality check: fast must not mean worse)."""
-    errs = [float(torch.linalg.norm(tt.tt_to_tensor(fn(t, rank)) - t) / torch.linalg.norm(t)) for t in tensors]
+    pairs = zip(outputs, tensors, strict=True)
+    errs = [float(torch.linalg.norm(tt.tt_to_tensor(c) - t) / torch.linalg.norm(t)) for c, t in pairs]
     return sum(errs) / len(errs)
 
 
@@ -73,17 +74,21 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP/LAPACK stalls on a loaded machine")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     mats = load_weights(args.model)
     tensors = [tensorize(w, *tensorized_shape(*w.shape, args.order)) for w in mats]
     methods = {"ours (auto: randomized when rank << unfolding)": (ours, tensors),
                "ours, exact Gram/QR SVDs only": (ours_exact, tensors),
                "tensorly tensor_train (default full SVDs)": (tensorly_default, tensors),
                "one thin torch.linalg.svd per layer": (thin_svd, mats)}
-    runs = {name: [] for name in methods}
+    runs: dict[str, list[float]] = {name: [] for name in methods}
+    outputs: dict[str, list] = {}
     for i in range(args.repeats):  # interleaved, so the ratios compare runs made side by side
         for name, (fn, data) in methods.items():
-            runs[name].append(total_seconds(fn, data, args.rank))
+            seconds, outputs[name] = timed(fn, data, args.rank)
+            runs[name].append(seconds)
             print(f"repeat {i + 1}: {name}: {runs[name][-1]:.2f} s", file=sys.stderr, flush=True)
     base = runs["ours (auto: randomized when rank << unfolding)"]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
@@ -93,7 +98,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (fn, data) in methods.items():
         ratio = statistics.median(t / b for t, b in zip(runs[name], base, strict=True))
-        err = "n/a (full SVD)" if fn is thin_svd else f"{mean_error(fn, data, args.rank):.4f}"
+        err = "n/a (full SVD)" if fn is thin_svd else f"{mean_error(outputs[name], data):.4f}"
         print(f"| {name} | {statistics.median(runs[name]):.2f} | {ratio:.2f}x | {err} |")
 
 
