@@ -90,7 +90,7 @@ def test_submit_then_worker_once_succeeds_with_metrics(tiny_llama_dir: Path):
     model_dir = Path(job.artifact_dir)
     assert model_dir == worker.job_dir(job_id) / "model" and (model_dir / "report.json").is_file()
     assert leftovers(job_id) == ["model"]
-    assert "succeeded" in (worker.job_dir(job_id) / "job.log").read_text()
+    assert "[compress]" in worker.read_log(job_id) and "succeeded" in worker.read_log(job_id)
 
 
 def test_plan_is_stored_exactly_as_plan_to_json(tiny_llama_dir: Path):

@@ -17,7 +17,7 @@ from saten_core.jobs.store import (
     request_cancel,
     submit,
 )
-from saten_core.jobs.worker import ensure_worker, job_dir, run_worker
+from saten_core.jobs.worker import ensure_worker, job_dir, read_log, run_worker
 
 __all__ = ["FINAL_STATUSES", "STATUSES", "Job", "ensure_worker", "get_job", "job_dir", "list_jobs",
-           "recover_stale", "request_cancel", "run_worker", "submit"]
+           "read_log", "recover_stale", "request_cancel", "run_worker", "submit"]

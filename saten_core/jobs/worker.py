@@ -32,6 +32,12 @@ def job_dir(job_id: int) -> Path:
     return saten_home() / "jobs" / str(job_id)
 
 
+def read_log(job_id: int) -> str:
+    """The job's log text ('' before a worker starts it); the file is replaced atomically, so any read is whole."""
+    path = job_dir(job_id) / "job.log"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
 class JobLog:
     """The job's log file, rewritten atomically on every line so a reader never sees half a line."""
 
