@@ -174,7 +174,7 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
     plan.validate()
     if plan.target_ratio is None:
         raise ValueError("allocation needs a target ratio (fraction of block-linear bytes to keep), got None")
-    if plan.method == "saten" and plan.order != 2 or plan.method == "tt" and plan.order != 2:
+    if plan.method in ("saten", "tt") and plan.order != 2:
         raise ValueError(f"allocation uses order-2 unfolding spectra; plan order {plan.order} is not supported")
     model = getattr(loaded, "model", loaded)
     spectra = spectra if spectra is not None else model_spectra(model, progress=progress)
