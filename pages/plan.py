@@ -1,6 +1,5 @@
 """Plan page: method and global settings, budget allocation, per-layer overrides, live byte/error preview, recipes."""
 
-import json
 import math
 
 import pandas as pd
@@ -155,7 +154,10 @@ elif (preview := library("preview", "Per-layer predicted error")) is not None:
     st.plotly_chart(charts.layer_error_chart(pd.DataFrame(pv["layers"]), "predicted_rel_error",
                                              "Predicted per-layer relative error"), key="plan_error_chart")
 table = pd.DataFrame(rows)
-table["spec"] = table["spec"].map(lambda s: "dense" if s is None else json.dumps(s))
+for field in ("method", "rank", "density", "structure"):
+    table[field] = table["spec"].map(lambda s, f=field: "dense" if s is None and f == "method" else (s or {}).get(f))
+table["shape"] = table["shape"].map(lambda s: f"{s[0]} x {s[1]}")
+table = table.drop(columns=["spec", "changed"])
 st.dataframe(table, hide_index=True, height=300, key="plan_table")
 
 d1, d2 = st.columns(2)
