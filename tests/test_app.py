@@ -79,7 +79,8 @@ def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
     assert at.error and "Cannot load model" in at.error[0].value
 
 
-def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir):
+def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SATEN_HOME", str(tmp_path))  # no all-layer spectra cached by earlier tests
     at = page("pages/spectrum.py", model=str(tiny_llama_dir))
     no_exception(at)
     assert len(at.get("plotly_chart")) == 3  # singular values, energy, TT unfoldings of one layer

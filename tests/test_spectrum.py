@@ -77,7 +77,8 @@ def test_powerlaw_alpha_recovers_a_known_exponent():
     assert S.powerlaw_alpha(np.ones(3)) is None
 
 
-def test_real_tiny_llama_layer_and_cache(tiny_llama_dir):
+def test_real_tiny_llama_layer_and_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SATEN_HOME", str(tmp_path))  # a cache of its own: other tests spectra the same model
     from saten_core.models import linear_layers, load_model
 
     model = load_model(str(tiny_llama_dir)).model

@@ -1,0 +1,55 @@
+"""Run: .venv/bin/python -m pytest -q tests/test_heal.py"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from saten_core.corpus import default_text, split_text
+from saten_core.heal import HealConfig, heal, trainable_parameters
+from saten_core.layer import SatenLinear, mask_of
+from saten_core.spec import LayerSpec
+
+
+def _compress(model):
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and "layers" in f"{name}.{child_name}":
+                spec = LayerSpec(method="saten", rank=4, density=0.05)
+                setattr(module, child_name, SatenLinear.from_linear(child, spec))
+    return model
+
+
+def test_heal_lowers_distillation_loss_and_keeps_frozen_parts_identical(tiny_llama_dir):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    student = _compress(copy.deepcopy(teacher))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    calib, held = split_text(default_text())
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if "cores" not in k and "values" not in k}
+    masks = {n: mask_of(m).clone() for n, m in student.named_modules() if isinstance(m, SatenLinear)}
+    cfg = HealConfig(steps=30, lr=3e-3, seq_len=64, batch_size=4, tokens=4096, eval_tokens=512, eval_every=10)
+    result = heal(student, teacher, tok, calib, held, cfg)
+    assert result.eval_curve[0][1] > 0
+    assert result.best_eval < result.eval_curve[0][1], result.eval_curve
+    assert len(result.loss_curve) == 30
+    after = student.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), k
+    for n, m in student.named_modules():
+        if isinstance(m, SatenLinear):
+            assert torch.equal(mask_of(m), masks[n]), n
+
+
+def test_heal_refuses_model_without_compressed_layers(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with pytest.raises(ValueError, match="no compressed"):
+        trainable_parameters(model)
+
+
+def test_heal_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        HealConfig(steps=0).validate()
+    with pytest.raises(ValueError, match="lr"):
+        HealConfig(lr=0).validate()
