@@ -1,6 +1,8 @@
 """Bench: our TT-SVD vs tensorly's default tensor_train vs one thin SVD per layer, on SmolLM2-135M's block linears.
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --rank 128 --repeats 3 --threads 1
+     PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --synthetic 2048x8192 --count 4 --rank 128 --repeats 3
+     (--synthetic: larger layers than SmolLM2's, where the cost of tensorly's full SVDs grows fastest)
 Prints one Markdown table (median total seconds over all layers, ratios measured side by side in each repeat).
 """
 
@@ -28,6 +30,23 @@ def load_weights(model: str) -> list[torch.Tensor]:
 
     loaded = load_model(model)
     return [lin.weight.detach().float().T.contiguous() for _, lin in linear_layers(loaded.model)]
+
+
+def synthetic_weights(shape: str, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """Wt (in, out) of `count` random OUTxIN layers shaped like trained weights: a decaying low-rank part + noise."""
+    try:
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--synthetic must look like 2048x8192, got {shape!r}") from None
+    gen = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f) // 4
+    decay = torch.exp(-torch.arange(k) / (k / 4))
+    mats = []
+    for _ in range(count):
+        a = torch.randn(in_f, k, generator=gen) * decay
+        b = torch.randn(k, out_f, generator=gen)
+        mats.append((a @ b / k**0.5 + 0.05 * torch.randn(in_f, out_f, generator=gen)).contiguous())
+    return mats
 
 
 def ours(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
@@ -74,10 +93,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--synthetic", default=None, help="OUTxIN: time random layers of this shape instead of a model")
+    ap.add_argument("--count", type=int, default=4, help="number of synthetic layers")
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP/LAPACK stalls on a loaded machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    mats = load_weights(args.model)
+    mats = synthetic_weights(args.synthetic, args.count) if args.synthetic else load_weights(args.model)
+    source = f"synthetic {args.synthetic} layers" if args.synthetic else f"layers of {args.model}"
     tensors = [tensorize(w, *tensorized_shape(*w.shape, args.order)) for w in mats]
     methods = {"ours (auto: randomized when rank << unfolding)": (ours, tensors),
                "ours, exact Gram/QR SVDs only": (ours_exact, tensors),
@@ -92,7 +114,7 @@ def main() -> None:
             print(f"repeat {i + 1}: {name}: {runs[name][-1]:.2f} s", file=sys.stderr, flush=True)
     base = runs["ours (auto: randomized when rank << unfolding)"]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(mats)} layers of {args.model}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(mats)} {source}, "
           f"rank cap {args.rank}, order {args.order}, {args.repeats} repeats")
     print("| method | median total s | median ratio to ours | mean rel. error |")
     print("|---|---:|---:|---:|")

@@ -1,0 +1,152 @@
+"""GPU check: the CUDA path end to end on smollm2-135m, printed as one Markdown table (run via bench/gpu_check.sh).
+
+What it measures, each on the same device in one run so the ratios are side by side:
+  1. compression time of the whole model (Saten, 80% of block-linear bytes kept; data-free and, if the methods
+     exist, activation-aware), on CUDA;
+  2. held-out perplexity, KL and top-1 agreement against the original;
+  3. batch-1 prefill and decode latency of dense vs compressed (median of repeats, after warm-up), fp32 and fp16;
+  4. the 2:4 semi-structured kernel (PyTorch `to_sparse_semi_structured`) against a dense fp16 matmul on
+     SmolLM2's MLP shapes at 1 and 512 tokens, when the card supports it (compute capability >= 8.0).
+Run: bash bench/gpu_check.sh            (≤ 5 minutes on one H200; CPU fallback only with --allow-cpu, for testing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from saten_core.compress import compress_
+from saten_core.evaluate import agreement, latency, perplexity
+from saten_core.models import load_model
+from saten_core.pipeline import held_out_text
+from saten_core.plan import Plan
+
+ROWS: list[tuple[str, str]] = []
+
+
+def row(name: str, value: str) -> None:
+    """Record one table row and echo it at once, so a cut-off run still leaves its figures in the log."""
+    ROWS.append((name, value))
+    print(f"[gpu_check] {name}: {value}", file=sys.stderr, flush=True)
+
+
+def timed(fn, *args, **kwargs):
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return out, time.perf_counter() - start
+
+
+def quality(name: str, base, model, tok, text: str, tokens: int) -> None:
+    ppl = perplexity(model, tok, text, tokens=tokens)
+    agree = agreement(base, model, tok, text, tokens=tokens)
+    row(f"{name}: held-out ppl / KL / top-1", f"{ppl:.2f} / {agree['kl']:.4f} / {agree['top1_agreement']:.3f}")
+
+
+def speed(name: str, model, tok, repeats: int) -> dict:
+    lat = latency(model, tok, prefill_tokens=128, decode_tokens=32, repeats=repeats)
+    row(f"{name}: prefill 128 tok ms / decode ms per tok",
+        f"{lat['prefill_ms']:.2f} / {lat['decode_ms_per_token']:.2f}")
+    return lat
+
+
+def compress_variant(loaded, plan: Plan, label: str, **kwargs):
+    model = copy.deepcopy(loaded.model)
+    reports, seconds = timed(compress_, model, plan, **kwargs)
+    before = sum(r["bytes_before"] for r in reports)
+    after = sum(r["bytes_after"] for r in reports)
+    row(f"{label}: compress s / bytes kept", f"{seconds:.1f} / {after / before:.3f} of {before / 2**20:.1f} MiB")
+    return model
+
+
+def semi_structured(repeats: int) -> None:
+    """2:4 kernel vs dense fp16 matmul on SmolLM2 MLP shapes (skipped, with the reason, where unsupported)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        row("2:4 semi-structured kernel", "skipped: needs CUDA compute capability >= 8.0")
+        return
+    from torch.sparse import to_sparse_semi_structured
+
+    for out_f, in_f in ((1536, 576), (576, 1536)):
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.float16)
+        mask = torch.tensor([1, 1, 0, 0], device="cuda", dtype=torch.bool).tile(out_f, in_f // 4)
+        w = w * mask
+        ws = to_sparse_semi_structured(w)
+        for tokens in (1, 512):
+            x = torch.randn(max(tokens, 32), in_f, device="cuda", dtype=torch.float16)  # kernel needs >= 32 rows
+            dense = _median_ms(functools.partial(torch.nn.functional.linear, x, w), repeats)
+            sparse = _median_ms(functools.partial(torch.nn.functional.linear, x, ws), repeats)
+            row(f"2:4 linear {out_f}x{in_f}, {tokens} tok: sparse ms / dense ms",
+                f"{sparse:.4f} / {dense:.4f} ({sparse / dense:.2f}x)")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats * 20):
+        _, s = timed(fn)
+        times.append(s * 1000)
+    return statistics.median(times)
+
+
+def half_rows(base, repeats: int) -> None:
+    """fp16: dense vs Saten 2:4 (0.8 bytes) with the residual on PyTorch's semi-structured kernel."""
+    from saten_core.layer import SatenLinear
+
+    dense = copy.deepcopy(base.model).half()
+    ref = speed("dense fp16", dense, base.tokenizer, repeats)
+    model = compress_variant(base, Plan(method="saten", structure="2:4", target_ratio=0.8), "saten 2:4 0.8")
+    model.half()
+    try:
+        for m in model.modules():
+            if isinstance(m, SatenLinear):
+                m.enable_semi_structured()
+        label = "saten 2:4 fp16 (semi-structured kernel)"
+    except (ValueError, RuntimeError) as err:
+        label = f"saten 2:4 fp16 (dense residual: {str(err)[:60]})"
+    lat = speed(label, model, base.tokenizer, repeats)
+    row(f"{label}: decode time vs dense fp16", f"{lat['decode_ms_per_token'] / ref['decode_ms_per_token']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when no GPU (a smoke test of this script)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        sys.exit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    row("device", f"{name}, torch {torch.__version__}")
+    (base, seconds) = timed(load_model, "smollm2-135m", device=device)
+    row("load smollm2-135m s", f"{seconds:.2f}")
+    text = held_out_text(None)
+    quality("dense", base.model, base.model, base.tokenizer, text, args.tokens)
+    dense_lat = speed("dense fp32", base.model, base.tokenizer, args.repeats)
+    saten = compress_variant(base, Plan(method="saten", target_ratio=0.8), "saten 0.8 data-free")
+    quality("saten 0.8 data-free", base.model, saten, base.tokenizer, text, args.tokens)
+    lat = speed("saten 0.8 fp32", saten, base.tokenizer, args.repeats)
+    row("saten 0.8 fp32: decode time vs dense",
+        f"{lat['decode_ms_per_token'] / dense_lat['decode_ms_per_token']:.2f}x (above 1 = slower than dense)")
+    del saten
+    if device == "cuda":
+        half_rows(base, args.repeats)
+    semi_structured(args.repeats)
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, command: bash bench/gpu_check.sh\n")
+    print("| measurement | value |\n|---|---|")
+    for k, v in ROWS:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
