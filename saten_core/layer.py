@@ -17,9 +17,10 @@ from saten_core.sparse import (
     topk_mask,
     unpack_mask,
 )
-from saten_core.spec import LayerSpec
+from saten_core.spec import LayerSpec, needs_stats, storage_method
 from saten_core.tensorize import tensorize, tensorized_shape
 from saten_core.tt import capped_ranks, tt_factor_pair, tt_param_count, tt_svd
+from saten_core.whiten import whitened_tt
 
 SPARSE_PATHS = ("auto", "dense", "csr", "gather")
 # Sparse-term rule measured by bench/bench_layer.py on CPU, fp32 (docs/benchmarks/maths.md): at 512 tokens torch
@@ -31,18 +32,19 @@ GATHER_MAX_WORK = 0  # tokens * nnz at or below which auto uses the index gather
 
 
 def _has_lowrank(method: str) -> bool:
-    return method != "prune"
+    return storage_method(method) != "prune"
 
 
 def _has_sparse(spec: LayerSpec) -> bool:
-    """Whether the method keeps a sparse part: prune always, saten when density > 0 or 2:4."""
-    if spec.method == "prune":
+    """Whether the method keeps a sparse part: prune/wanda always, saten(-aw) when density > 0 or 2:4."""
+    method = storage_method(spec.method)
+    if method == "prune":
         return True
-    return spec.method == "saten" and (spec.structure == "2:4" or spec.density > 0)
+    return method == "saten" and (spec.structure == "2:4" or spec.density > 0)
 
 
 def _modes(in_features: int, out_features: int, spec: LayerSpec) -> tuple[list[int], list[int]]:
-    order = 1 if spec.method == "svd" else spec.order
+    order = 1 if storage_method(spec.method) == "svd" else spec.order
     return tensorized_shape(in_features, out_features, order)
 
 
@@ -118,9 +120,12 @@ class SatenLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, *, scores: Tensor | None = None) -> SatenLinear:
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, *, scores: Tensor | None = None,
+                    stats=None) -> SatenLinear:
         """Compress `linear` with `spec`; `scores` (in, out) optionally multiply |residual| to choose the mask.
 
+        `stats` (calibrate.InputStats of this layer's inputs) is required by the activation-aware methods:
+        saten-aw / svd-w whiten the low-rank step with it, saten-aw / wanda score the mask by input norms.
         Example:
             >>> layer = SatenLinear.from_linear(nn.Linear(64, 128), LayerSpec(rank=8, density=0.1))
             >>> layer(torch.randn(2, 64)).shape
@@ -128,11 +133,12 @@ class SatenLinear(nn.Module):
         """
         in_f, out_f = linear.in_features, linear.out_features
         spec.validate(in_f, out_f)
+        whiten, scores = _activation_inputs(spec, stats, scores, in_f, out_f)
         if scores is not None and tuple(scores.shape) != (in_f, out_f):
             raise ValueError(f"scores must have shape (in, out) = ({in_f}, {out_f}), got {tuple(scores.shape)}")
         w = linear.weight.detach()
         wt = w.float().mT  # (in, out)
-        cores, residual = cls._lowrank(wt, in_f, out_f, spec, w.dtype)
+        cores, residual = cls._lowrank(wt, in_f, out_f, spec, w.dtype, whiten)
         mask, fmt, packed = cls._residual_mask(residual, spec, scores)
         layer = cls(in_f, out_f, spec, ranks=[1] + [int(g.shape[-1]) for g in cores] if cores else [],
                     nnz=int(mask.sum()) if mask is not None else 0, mask_format=fmt,
@@ -148,12 +154,20 @@ class SatenLinear(nn.Module):
         return layer
 
     @staticmethod
-    def _lowrank(wt: Tensor, in_f: int, out_f: int, spec: LayerSpec, dtype: torch.dtype) -> tuple[list, Tensor]:
-        """TT cores (at the stored dtype) and the residual Wt - TT(Wt) seen by the sparse part (float32)."""
+    def _lowrank(wt: Tensor, in_f: int, out_f: int, spec: LayerSpec, dtype: torch.dtype,
+                 whiten: Tensor | None = None) -> tuple[list, Tensor]:
+        """TT cores (at the stored dtype) and the residual Wt - TT(Wt) seen by the sparse part (float32).
+
+        With `whiten` (L, L L^T = input second moment) the TT is chosen for output error (whiten.whitened_tt).
+        """
         if not _has_lowrank(spec.method):
             return [], wt
         in_modes, out_modes = _modes(in_f, out_f, spec)
-        cores = [g.to(dtype) for g in tt_svd(tensorize(wt, in_modes, out_modes), eps=spec.eps, max_rank=spec.rank)]
+        if whiten is None:
+            found = tt_svd(tensorize(wt, in_modes, out_modes), eps=spec.eps, max_rank=spec.rank)
+        else:
+            found = whitened_tt(wt, whiten, in_modes, out_modes, eps=spec.eps, max_rank=spec.rank)
+        cores = [g.to(dtype) for g in found]
         a, b = tt_factor_pair([g.float() for g in cores], len(in_modes))
         return cores, wt - a @ b  # residual against the rounded cores, so the sparse part corrects them too
 
@@ -340,6 +354,23 @@ class SatenLinear(nn.Module):
             raise ValueError(f"semi-structured kernels need float16/bfloat16 weights, got {self.values.dtype}")
         self._semi_structured, self.sparse_path = True, "dense"
         self._cache = {}
+
+
+def _activation_inputs(spec: LayerSpec, stats, scores: Tensor | None, in_f: int,
+                       out_f: int) -> tuple[Tensor | None, Tensor | None]:
+    """(whitening factor L or None, mask scores) for the spec's method; data-free methods ignore `stats`."""
+    if not needs_stats(spec.method):
+        return None, scores
+    if stats is None:
+        raise ValueError(f"method {spec.method!r} needs calibration input statistics for this layer, got none")
+    if tuple(stats.xtx.shape) != (in_f, in_f):
+        raise ValueError(f"input statistics of shape {tuple(stats.xtx.shape)} do not fit a layer with {in_f} inputs")
+    from saten_core.calibrate import whitening_factor
+
+    whiten = whitening_factor(stats) if _has_lowrank(spec.method) else None
+    if scores is None and _has_sparse(spec):
+        scores = stats.column_norms.float()[:, None].expand(in_f, out_f)
+    return whiten, scores
 
 
 def mask_of(layer: SatenLinear) -> Tensor:

@@ -8,7 +8,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
-from saten_core.spec import METHODS, STRUCTURES, LayerSpec
+from saten_core.spec import METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
+
+# Calibration tokens by default: enough for stable input statistics of 576/1536-wide layers, and about a
+# minute of CPU for SmolLM2-135M (docs/benchmarks/activation.md).
+CALIB_TOKENS = 2048
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Plan:
         layer_spec(plan, "model.layers.0.mlp.up_proj", 576, 1536, torch.float32)
     """
 
-    method: str = "saten"  # saten | tt | svd | prune
+    method: str = "saten"  # saten | tt | svd | prune | saten-aw | svd-w | wanda
     structure: str = "unstructured"  # or "2:4" (residual / pruning mask along the input dimension)
     rank: int | None = None  # cap on every TT bond (svd: the matrix rank)
     eps: float | None = None  # TT-SVD relative error bound (alternative to rank)
@@ -53,6 +57,23 @@ class Plan:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
+    # calibration (activation-aware methods, healing): None -> the bundled calibration split when needed
+    calib: str | None = None  # None | "default" | path of a UTF-8 text file
+    calib_tokens: int = CALIB_TOKENS  # tokens streamed through the model to collect input statistics
+    calib_seq_len: int = 512
+    # healing (distillation fine-tune of TT cores and kept values after compression; 0 steps = off)
+    heal_steps: int = 0
+    heal_lr: float = 1e-4
+    heal_seq_len: int = 256
+    heal_batch_size: int = 4
+    heal_tokens: int = 16384  # training tokens drawn from the calibration text
+    heal_eval_tokens: int = 2048  # held-out calibration tokens that pick the best checkpoint
+    heal_eval_every: int = 10
+    heal_lm_weight: float = 0.0  # weight of next-token cross-entropy added to the KL loss
+
+    def needs_calibration(self) -> bool:
+        """True when compressing needs a calibration text: an activation-aware method or healing."""
+        return needs_stats(self.method) or self.heal_steps > 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -103,6 +124,26 @@ class Plan:
             if not isinstance(o, Override):
                 raise ValueError(f"override must be an Override, got {o!r}")
             o.validate()
+        self._validate_calibration()
+
+    def _validate_calibration(self) -> None:
+        """Shape-free checks of the calibration / healing fields (HealConfig gets the same numbers)."""
+        if self.calib is not None and (not isinstance(self.calib, str) or not self.calib.strip()):
+            raise ValueError(f"calib must be 'default' or a text file path, got {self.calib!r}")
+        for name in ("calib_tokens", "calib_seq_len", "heal_seq_len", "heal_batch_size", "heal_tokens",
+                     "heal_eval_tokens", "heal_eval_every"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("heal_steps", self.heal_steps, 0)
+        if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, int | float) or not self.heal_lr > 0:
+            raise ValueError(f"heal_lr must be > 0, got {self.heal_lr!r}")
+        if isinstance(self.heal_lm_weight, bool) or not isinstance(self.heal_lm_weight, int | float) \
+                or not self.heal_lm_weight >= 0:
+            raise ValueError(f"heal_lm_weight must be >= 0, got {self.heal_lm_weight!r}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _reject_unknown(d: dict, cls: type, what: str) -> None:
@@ -151,12 +192,13 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
             rank, eps = override.rank, override.eps
         if override.density is not None:
             density = override.density
-    order = 1 if plan.method == "svd" else plan.order
-    if plan.method in ("tt", "svd"):
+    kind = storage_method(plan.method)  # activation-aware methods store what their data-free twin stores
+    order = 1 if kind == "svd" else plan.order
+    if kind in ("tt", "svd"):
         density = 0.0
-    if plan.method == "prune":
+    if kind == "prune":
         rank, eps = None, None
-    if plan.structure == "2:4" and plan.method in ("saten", "prune"):
+    if plan.structure == "2:4" and kind in ("saten", "prune"):
         density = 0.5
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order)
 
@@ -178,9 +220,10 @@ def _fit_cached(base: LayerSpec, ratio: float, share: float, rank_fixed: bool, d
                 n_in: int, n_out: int, dtype) -> LayerSpec:
     """Memoised by value: a model repeats a handful of shapes, so 210 layers cost ~7 searches."""
     budget = int(ratio * dense_weight_bytes(n_in, n_out, dtype))
-    if base.method in ("svd", "tt"):
+    kind = storage_method(base.method)
+    if kind in ("svd", "tt"):
         return base if rank_fixed else _largest_rank(base, budget, n_in, n_out, dtype, ratio)
-    if base.method == "prune":
+    if kind == "prune":
         if density_fixed:
             return _check_fits(base, budget, n_in, n_out, dtype, ratio)
         return _largest_density(base, budget, n_in, n_out, dtype, ratio)

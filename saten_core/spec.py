@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-METHODS = ("saten", "tt", "svd", "prune")
+METHODS = ("saten", "tt", "svd", "prune", "saten-aw", "svd-w", "wanda")
 STRUCTURES = ("unstructured", "2:4")
+# Activation-aware methods store exactly what their data-free counterpart stores (same tensors, same bytes);
+# only *which* values are chosen depends on the calibration inputs (whitened low-rank part, input-norm-scored mask).
+ACTIVATION_AWARE = {"saten-aw": "saten", "svd-w": "svd", "wanda": "prune"}
+
+
+def storage_method(method: str) -> str:
+    """The data-free method with the same stored layout: saten-aw -> saten, svd-w -> svd, wanda -> prune."""
+    return ACTIVATION_AWARE.get(method, method)
+
+
+def needs_stats(method: str) -> bool:
+    """True when compressing with `method` needs calibration input statistics of the layer."""
+    return method in ACTIVATION_AWARE
 
 
 @dataclass(frozen=True)
@@ -13,7 +26,9 @@ class LayerSpec:
     """What `SatenLinear.from_linear` needs to compress one layer.
 
     method: saten = TT(W^T) + sparse residual; tt = TT only; svd = truncated SVD (TT of order 1);
-    prune = keep `density` of the weights, no low-rank part.
+    prune = keep `density` of the weights, no low-rank part. Activation-aware variants (need input statistics):
+    saten-aw = whitened TT + residual masked by |E| x input norm; svd-w = whitened truncated SVD;
+    wanda = keep weights by |W| x input norm.
     """
 
     method: str = "saten"

@@ -1,0 +1,92 @@
+"""Activation-aware low-rank maths: TT of the whitened weight, mapped back and put in TT form at the same caps.
+
+For inputs X (T, in) with second moment C = L L^T, the output error of a weight error E (in, out) is
+||X E||_F = sqrt(T) ||L^T E||_F. So the low-rank part is chosen on M = L^T W^T (TT-SVD, same tensorisation and
+rank caps as the data-free method) and mapped back as L^{-T} M_hat. Only the input-side cores change: the
+output-side cores of M_hat are kept (right-orthogonalised), and A = L^{-T} A_M (in, r) is re-split into
+input-side cores with the same bond caps. That split is exact whenever every input-side bond is at its full
+value (order 1 always; order 2 when the rank cap is >= the first input mode, e.g. >= 24 for 576-wide layers);
+otherwise it is the Frobenius-optimal truncation of that bond, and `rett_loss` measures what it costs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.linalg import solve_triangular
+
+from saten_core.tensorize import tensorize
+from saten_core.tt import tt_factor_pair, tt_svd
+
+
+def whitened_tt(wt: Tensor, low: Tensor, in_modes: list[int], out_modes: list[int], *,
+                eps: float | None = None, max_rank: int | None = None) -> list[Tensor]:
+    """TT cores of W^T's activation-aware low-rank part (float32), same ranks as `tt_svd` of the same caps.
+
+    wt: (in, out) weight; low: (in, in) lower-triangular whitening factor (calibrate.whitening_factor).
+    Example:
+        >>> low = torch.linalg.cholesky(torch.eye(6, dtype=torch.float64))
+        >>> [g.shape for g in whitened_tt(torch.randn(6, 4), low, [3, 2], [2, 2], max_rank=2)]
+        [torch.Size([1, 3, 2]), torch.Size([2, 2, 2]), torch.Size([2, 2, 2]), torch.Size([2, 2, 1])]
+    """
+    n_in = len(in_modes)
+    low = low.to(device=wt.device, dtype=torch.float64)
+    m = (low.mT @ wt.double()).float()
+    cores = tt_svd(tensorize(m, in_modes, out_modes), eps=eps, max_rank=max_rank)
+    out_cores, carry = right_orthogonalize(cores[n_in:])
+    a_m, _ = tt_factor_pair(cores, n_in)  # (in, r): the whitened input-side factor
+    a = solve_triangular(low.mT, a_m.double(), upper=True) @ carry.double()  # L^{-T} A_M R, (in, r')
+    ranks = [int(g.shape[-1]) for g in cores[: n_in - 1]]
+    return split_input_side(a.float(), in_modes, ranks) + out_cores
+
+
+def right_orthogonalize(cores: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Cores with orthonormal rows (as a right-to-left RQ sweep leaves them) and the carried factor R.
+
+    contract(cores) == R @ contract(new cores), R (r_left, r_left'); with orthonormal rows in the new
+    output side, truncating the input side in Frobenius norm is optimal for the whole matrix too.
+    """
+    new, carry = list(cores), None
+    for j in range(len(new) - 1, -1, -1):
+        g = new[j] if carry is None else torch.einsum("anb,bc->anc", new[j], carry)
+        r_left, n, r_right = g.shape
+        q, r = torch.linalg.qr(g.reshape(r_left, n * r_right).mT)  # g = r^T q^T
+        new[j], carry = q.mT.reshape(-1, n, r_right).contiguous(), r.mT
+    return new, carry
+
+
+def split_input_side(a: Tensor, in_modes: list[int], ranks: list[int]) -> list[Tensor]:
+    """Input-side TT cores of A (in, r) with the given inner bond ranks (zero-padded where A has fewer)."""
+    r_mid = a.shape[1]
+    c, cores, r_prev = a.reshape(*in_modes, r_mid), [], 1
+    for n, target in zip(in_modes[:-1], ranks, strict=True):
+        u, s, vh = torch.linalg.svd(c.reshape(r_prev * n, -1), full_matrices=False)
+        k = min(target, s.numel())
+        core = torch.zeros(r_prev * n, target, dtype=a.dtype, device=a.device)
+        core[:, :k] = u[:, :k]
+        rest = torch.zeros(target, vh.shape[1], dtype=a.dtype, device=a.device)
+        rest[:k] = s[:k, None] * vh[:k]
+        cores.append(core.reshape(r_prev, n, target))
+        c, r_prev = rest, target
+    cores.append(c.reshape(r_prev, in_modes[-1], r_mid).contiguous())
+    return cores
+
+
+def output_error(delta_wt: Tensor, low: Tensor) -> float:
+    """||L^T dW^T||_F: the output error of a weight change on the calibration inputs, up to sqrt(T)."""
+    return float(torch.linalg.matrix_norm(low.to(delta_wt.device, torch.float64).mT @ delta_wt.double()))
+
+
+def rett_loss(wt: Tensor, low: Tensor, in_modes: list[int], out_modes: list[int], *,
+              max_rank: int | None = None) -> dict:
+    """Output error of L^{-T} M_hat as a dense matrix vs after the re-split into TT at the same caps."""
+    low64 = low.to(wt.device, torch.float64)
+    m = (low64.mT @ wt.double()).float()
+    cores = tt_svd(tensorize(m, in_modes, out_modes), max_rank=max_rank)
+    a, b = tt_factor_pair(cores, len(in_modes))
+    dense = solve_triangular(low64.mT, (a @ b).double(), upper=True)
+    tt_cores = whitened_tt(wt, low, in_modes, out_modes, max_rank=max_rank)
+    a2, b2 = tt_factor_pair(tt_cores, len(in_modes))
+    return {"dense": output_error(wt.double() - dense, low64),
+            "tt": output_error(wt.double() - (a2 @ b2).double(), low64),
+            "reference": output_error(wt.double(), low64)}
