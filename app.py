@@ -5,14 +5,14 @@ import streamlit as st
 st.set_page_config(page_title="Saten Studio", page_icon=":material/compress:", layout="wide")
 
 PAGES = {
-    "Start": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
+    "Start": [st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)],
     "Workflow": [
-        st.Page("pages/model.py", title="Model", icon=":material/memory:"),
-        st.Page("pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
-        st.Page("pages/plan.py", title="Plan", icon=":material/tune:"),
-        st.Page("pages/run.py", title="Run", icon=":material/play_circle:"),
-        st.Page("pages/results.py", title="Results", icon=":material/leaderboard:"),
-        st.Page("pages/roi.py", title="ROI", icon=":material/savings:"),
+        st.Page("app_pages/model.py", title="Model", icon=":material/memory:"),
+        st.Page("app_pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
+        st.Page("app_pages/plan.py", title="Plan", icon=":material/tune:"),
+        st.Page("app_pages/run.py", title="Run", icon=":material/play_circle:"),
+        st.Page("app_pages/results.py", title="Results", icon=":material/leaderboard:"),
+        st.Page("app_pages/roi.py", title="ROI", icon=":material/savings:"),
     ],
 }
 

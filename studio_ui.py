@@ -1,4 +1,8 @@
-"""Streamlit glue shared by the pages: the current model, cached loaders and friendly error display."""
+"""Streamlit glue shared by the dashboard pages: the current model, cached loaders and friendly error display.
+
+It lives outside app_pages/ so Streamlit never mistakes it for a page.
+Imports go one way: app_pages -> studio_ui -> saten_core (which never imports streamlit).
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages.common import DEFAULT_MODEL, MODEL_KEY, library, show_error
+from studio_ui import DEFAULT_MODEL, MODEL_KEY, library, show_error
 
 st.title("Saten Studio")
 st.write("Shrink a language model's weight matrices into a **low-rank tensor train plus a sparse residual** "
@@ -46,5 +46,5 @@ if jobs and st.button("Start the demo run", type="primary", icon=":material/rock
         st.success(f"Queued jobs {ids[0]} (original, for reference) and {ids[1]} (Saten at 80 %).")
     except (ValueError, OSError) as exc:
         show_error(exc)
-st.page_link("pages/run.py", label="Follow the jobs on the Run page", icon=":material/play_circle:")
-st.page_link("pages/model.py", label="Or start from your own model", icon=":material/memory:")
+st.page_link("app_pages/run.py", label="Follow the jobs on the Run page", icon=":material/play_circle:")
+st.page_link("app_pages/model.py", label="Or start from your own model", icon=":material/memory:")

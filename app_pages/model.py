@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages.common import DEFAULT_MODEL, MODEL_KEY, human_bytes, loaded_model, model_ref
+from studio_ui import DEFAULT_MODEL, MODEL_KEY, human_bytes, loaded_model, model_ref
 
 st.title("Model")
 

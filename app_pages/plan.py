@@ -5,7 +5,10 @@ import math
 import pandas as pd
 import streamlit as st
 
-from pages.common import (
+from saten_core import charts
+from saten_core.plan import Override, Plan, dry_run, dry_run_totals
+from saten_core.spec import METHODS, STRUCTURES
+from studio_ui import (
     PLAN_KEY,
     human_bytes,
     library,
@@ -15,9 +18,6 @@ from pages.common import (
     show_error,
     spectra_if_ready,
 )
-from saten_core import charts
-from saten_core.plan import Override, Plan, dry_run, dry_run_totals
-from saten_core.spec import METHODS, STRUCTURES
 
 st.title("Plan")
 model_caption()
@@ -163,4 +163,4 @@ st.dataframe(table, hide_index=True, height=300, key="plan_table")
 d1, d2 = st.columns(2)
 d1.download_button("Save recipe (plan JSON)", plan.to_json(), file_name="saten-plan.json",
                    mime="application/json", icon=":material/download:", key="plan_download")
-d2.page_link("pages/run.py", label="Run this plan", icon=":material/play_circle:")
+d2.page_link("app_pages/run.py", label="Run this plan", icon=":material/play_circle:")

@@ -5,8 +5,9 @@ import shutil
 import pandas as pd
 import streamlit as st
 
-from pages.common import library
 from saten_core import charts
+from saten_core.answers import DEFAULT_PROMPT, MAX_NEW_TOKENS, compare_answers
+from studio_ui import library, show_error
 
 st.title("Results")
 jobs = library("jobs", "The job queue")
@@ -43,6 +44,7 @@ st.subheader("One run")
 pick = st.selectbox("Run", list(mine["id"]), format_func=lambda i: mine.set_index("id").loc[i, "label"],
                     key="results_pick")
 job = jobs.get_job(int(pick))
+job_label = mine.set_index("id").loc[pick, "label"]
 report = job.result or {}
 layers = pd.DataFrame(report.get("layers") or [])
 if not layers.empty and "rel_error" in layers:
@@ -52,8 +54,29 @@ if report.get("heal"):
     curve = pd.DataFrame(report["heal"].get("curve") or [])
     if {"step", "loss"} <= set(curve.columns):
         st.plotly_chart(charts.loss_curve_chart(curve), key="results_loss")
-st.info("Side-by-side answers of the original and the compressed model to one prompt are coming "
-        "(needs a generation function in saten_core).", icon=":material/construction:")
+
+st.subheader("Same prompt, both models")
+# A few seconds of greedy decoding on a CPU: run in the page behind a spinner, not as a job, because the job
+# queue runs compression jobs only (one worker, one at a time) and this would wait behind them.
+p1, p2 = st.columns([4, 1])
+prompt = p1.text_input("Prompt", DEFAULT_PROMPT, key="results_prompt")
+new_tokens = p2.number_input("New tokens", 1, 128, MAX_NEW_TOKENS, key="results_tokens")
+if job.artifact_dir and st.button("Ask both models", icon=":material/forum:", key="results_ask"):
+    with st.spinner("Both models are writing (greedy decoding, a few seconds on a CPU) ..."):
+        try:
+            st.session_state["results_answers"] = {"job": job.id, **compare_answers(job.artifact_dir, prompt,
+                                                                                    max_new_tokens=new_tokens)}
+        except (ValueError, OSError) as exc:
+            show_error(exc)
+shown = st.session_state.get("results_answers")
+if shown and shown["job"] == job.id:
+    left, right = st.columns(2)
+    for col, side, title in ((left, "original", "Original"), (right, "compressed", f"Compressed ({job_label})")):
+        col.markdown(f"**{title}**")
+        col.container(border=True).markdown(f"*{shown['prompt']}* {shown[side]['text']}")
+        col.caption(f"{shown[side]['tokens']} tokens in {shown[side]['seconds']:.1f} s")
+    st.caption("Identical answers." if shown["same"] else "The answers differ: greedy decoding is deterministic, "
+               "so the difference comes from the compression.")
 
 d1, d2, d3 = st.columns(3)
 d1.download_button("Recipe (plan JSON)", job.plan_json, file_name=f"saten-plan-{job.id}.json",
@@ -73,4 +96,4 @@ def zipped(folder: str, job_id: int):
 if job.artifact_dir:
     d3.download_button("Compressed model (zip)", lambda: zipped(job.artifact_dir, job.id),
                        file_name=f"saten-model-{job.id}.zip", mime="application/zip", key="results_model_zip")
-st.page_link("pages/roi.py", label="What is it worth? Open ROI", icon=":material/savings:")
+st.page_link("app_pages/roi.py", label="What is it worth? Open ROI", icon=":material/savings:")

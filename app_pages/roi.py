@@ -5,10 +5,10 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from pages.common import library, loaded_model, show_error
 from saten_core import charts
 from saten_core.report import ReportInput, headline, to_html, to_markdown
 from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, measured_from_run, roi_table
+from studio_ui import library, loaded_model, show_error
 
 st.title("ROI")
 jobs = library("jobs", "The job queue")

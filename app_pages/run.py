@@ -5,7 +5,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from pages.common import PLAN_KEY, library, model_caption, model_ref, show_error
+from studio_ui import PLAN_KEY, library, model_caption, model_ref, show_error
 
 st.title("Run")
 model_caption()
@@ -76,4 +76,4 @@ def queue() -> None:
 
 st.subheader("Queue")
 queue()
-st.page_link("pages/results.py", label="See finished runs on Results", icon=":material/leaderboard:")
+st.page_link("app_pages/results.py", label="See finished runs on Results", icon=":material/leaderboard:")

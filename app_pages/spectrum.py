@@ -3,7 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from pages.common import (
+from saten_core import charts
+from studio_ui import (
     compute_all_spectra,
     layer_names,
     layer_spectrum,
@@ -14,7 +15,6 @@ from pages.common import (
     show_error,
     spectra_if_ready,
 )
-from saten_core import charts
 
 st.title("Spectrum")
 model_caption()

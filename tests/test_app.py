@@ -61,7 +61,7 @@ def test_home_renders_and_demo_queues_reference_and_compression(no_spawn):
 
 
 def test_model_page_summarises_a_local_folder(tiny_llama_dir):
-    at = page("pages/model.py", model=str(tiny_llama_dir), model_source="Local folder or hub id",
+    at = page("app_pages/model.py", model=str(tiny_llama_dir), model_source="Local folder or hub id",
               model_path=str(tiny_llama_dir))
     no_exception(at)
     assert not at.error
@@ -71,17 +71,17 @@ def test_model_page_summarises_a_local_folder(tiny_llama_dir):
 
 def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
     missing = str(tmp_path / "nope")
-    at = page("pages/model.py", model_source="Local folder or hub id", model_path=missing)
+    at = page("app_pages/model.py", model_source="Local folder or hub id", model_path=missing)
     no_exception(at)
     assert at.error and "does not exist" in at.error[0].value
-    at = page("pages/plan.py", model=missing)
+    at = page("app_pages/plan.py", model=missing)
     no_exception(at)
     assert at.error and "Cannot load model" in at.error[0].value
 
 
 def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SATEN_HOME", str(tmp_path))  # no all-layer spectra cached by earlier tests
-    at = page("pages/spectrum.py", model=str(tiny_llama_dir))
+    at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
     no_exception(at)
     assert len(at.get("plotly_chart")) == 3  # singular values, energy, TT unfoldings of one layer
     assert metric(at, "Shape (out x in)") == "64 x 64"
@@ -94,10 +94,10 @@ def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tm
 
 
 def test_plan_allocation_fills_overrides_within_budget(tiny_llama_dir):
-    at = page("pages/spectrum.py", model=str(tiny_llama_dir))
+    at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
     if any(b.key == "spectrum_all" for b in at.button):  # allocation needs the all-layer spectra
         at.button(key="spectrum_all").click().run()
-    at.switch_page("pages/plan.py").run()
+    at.switch_page("app_pages/plan.py").run()
     no_exception(at)
     assert len(at.get("plotly_chart")) == 1  # predicted per-layer error
     at.slider(key="plan_target").set_value(0.6).run()
@@ -110,7 +110,7 @@ def test_plan_allocation_fills_overrides_within_budget(tiny_llama_dir):
 
 
 def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
-    at = page("pages/plan.py", model=str(tiny_llama_dir))
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir))
     no_exception(at)
     before = metric(at, "Predicted bytes")
     at.slider(key="plan_target").set_value(0.5).run()
@@ -122,7 +122,7 @@ def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
 
 
 def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
-    at = page("pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
     no_exception(at)
     low = metric(at, "Predicted bytes")
     at.slider(key="plan_rank").set_value(4).run()
@@ -136,7 +136,7 @@ def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
 def test_run_page_submit_creates_a_job(tiny_llama_dir, no_spawn):
     from saten_core import jobs
 
-    at = page("pages/run.py", model=str(tiny_llama_dir))
+    at = page("app_pages/run.py", model=str(tiny_llama_dir))
     no_exception(at)
     assert "cpu" in " ".join(c.value for c in at.caption)
     count = len(jobs.list_jobs())
@@ -151,7 +151,7 @@ def test_run_page_submit_creates_a_job(tiny_llama_dir, no_spawn):
     jobs.request_cancel(job.id)
 
 
-@pytest.mark.parametrize("path", ["pages/results.py", "pages/roi.py"])
+@pytest.mark.parametrize("path", ["app_pages/results.py", "app_pages/roi.py"])
 def test_results_and_roi_render_with_or_without_runs(path):
     at = page(path)
     no_exception(at)
@@ -174,7 +174,7 @@ def finished_runs(tiny_llama_dir):
 
 @pytest.mark.slow
 def test_results_page_shows_tradeoffs_and_layer_errors(finished_runs):
-    at = page("pages/results.py")
+    at = page("app_pages/results.py")
     no_exception(at)
     charts = at.get("plotly_chart")
     assert len(charts) == 3  # size trade-off, latency trade-off, per-layer error
@@ -183,8 +183,23 @@ def test_results_page_shows_tradeoffs_and_layer_errors(finished_runs):
 
 
 @pytest.mark.slow
+def test_results_page_shows_both_models_answering_one_prompt(finished_runs):
+    at = page("app_pages/results.py", results_pick=finished_runs[1])
+    at.text_input(key="results_prompt").set_value("the quick brown fox")
+    at.number_input(key="results_tokens").set_value(4)
+    at.button(key="results_ask").click().run()
+    no_exception(at)
+    assert not at.error
+    shown = at.session_state["results_answers"]
+    assert shown["job"] == finished_runs[1] and shown["prompt"] == "the quick brown fox"
+    assert shown["original"]["tokens"] == shown["compressed"]["tokens"] == 4
+    texts = " ".join(m.value for m in at.markdown)
+    assert "**Original**" in texts and "**Compressed" in texts and shown["compressed"]["text"] in texts
+
+
+@pytest.mark.slow
 def test_roi_page_computes_from_the_measured_run(finished_runs):
-    at = page("pages/roi.py")
+    at = page("app_pages/roi.py")
     no_exception(at)
     assert not at.error
     assert metric(at, "Decode speed vs original").endswith("x")
