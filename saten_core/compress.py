@@ -19,32 +19,37 @@ class Cancelled(Exception):
 
 
 def compress_(model: nn.Module, plan: Plan, *, progress: Progress | None = None,
-              should_stop: Callable[[], bool] | None = None) -> list[dict]:
+              should_stop: Callable[[], bool] | None = None, stats: dict[str, Any] | None = None) -> list[dict]:
     """Compress every layer the plan selects and return one report per compressed layer.
 
-    All specs are resolved first, so a bad plan fails before any layer changes.
+    `stats` maps layer name -> calibrate.InputStats (collected on the uncompressed model); activation-aware
+    methods need it for every layer they compress, and with it each report also has `rel_output_error`.
+    All specs are resolved first, so a bad plan (or missing statistics) fails before any layer changes.
     Example:
         reports = compress_(loaded.model, Plan(method="saten", target_ratio=0.8))
         sum(r["bytes_after"] for r in reports) <= 0.8 * sum(r["bytes_before"] for r in reports)
     """
-    from saten_core.models import linear_layers
-
     plan.validate()
-    todo = _resolve(model, plan, linear_layers(model))
+    stats = stats or {}
+    todo = planned_layers(model, plan)
+    _check_stats(todo, stats)
     reports = []
     for i, (name, linear, spec) in enumerate(todo):
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled after {i} of {len(todo)} layers")
-        reports.append(_compress_one(model, name, linear, spec))
+        reports.append(_compress_one(model, name, linear, spec, stats.get(name)))
         if progress is not None:
             progress("compress", (i + 1) / len(todo), f"{name} {reports[-1]['shape']} rel_error "
                                                        f"{reports[-1]['rel_error']:.4f}")
     return reports
 
 
-def _resolve(model: nn.Module, plan: Plan, layers: list[tuple[str, nn.Linear]]) -> list[tuple]:
+def planned_layers(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, Any]]:
+    """(name, dense linear, resolved LayerSpec) of every layer the plan will compress, in model order."""
+    from saten_core.models import linear_layers
+
     todo = []
-    for name, lin in layers:
+    for name, lin in linear_layers(model):
         if not isinstance(lin, nn.Linear):
             continue  # already compressed: a plan applies to dense layers only
         spec = layer_spec(plan, name, lin.in_features, lin.out_features, lin.weight.dtype)
@@ -53,19 +58,45 @@ def _resolve(model: nn.Module, plan: Plan, layers: list[tuple[str, nn.Linear]]) 
     return todo
 
 
-def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any) -> dict:
+def _check_stats(todo: list[tuple], stats: dict[str, Any]) -> None:
+    """Activation-aware layers without calibration statistics fail up front, naming layer and method."""
+    from saten_core.spec import needs_stats
+
+    for name, _, spec in todo:
+        if needs_stats(spec.method) and name not in stats:
+            raise ValueError(f"layer {name}: method {spec.method!r} needs calibration input statistics "
+                             "(collect them with calibrate.collect_input_stats), none given")
+
+
+def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any, stats: Any = None) -> dict:
     """Build the SatenLinear, measure it against the dense weight, and swap it into the model."""
     from saten_core.layer import SatenLinear
 
     start = time.perf_counter()
-    new = SatenLinear.from_linear(linear, spec)
+    new = SatenLinear.from_linear(linear, spec, stats=stats)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         w = linear.weight.float()
-        rel_error = (torch.linalg.norm(new.to_dense().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)).item()
+        delta = new.to_dense().float() - w
+        rel_error = (torch.linalg.norm(delta) / torch.linalg.norm(w).clamp_min(1e-30)).item()
+        out_error = None if stats is None else relative_output_error(delta, w, stats.second_moment())
     report = layer_report(name, linear, new, rel_error, seconds)
+    if out_error is not None:
+        report["rel_output_error"] = out_error
     set_submodule(model, name, new)
     return report
+
+
+def relative_output_error(delta: torch.Tensor, w: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """||X dW^T|| / ||X W^T|| on the calibration inputs, from their second moment C: tr(dW C dW^T) ratios.
+
+    delta, w: (out, in) like nn.Linear.weight; second_moment: (in, in).
+    """
+    c = second_moment.to(w.device, torch.float64)
+    d, w = delta.double(), w.double()
+    num = torch.sum((d @ c) * d)
+    den = torch.sum((w @ c) * w).clamp_min(1e-30)
+    return float(torch.sqrt(num.clamp_min(0) / den))
 
 
 def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float, seconds: float) -> dict:

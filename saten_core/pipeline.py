@@ -23,14 +23,16 @@ def check_out_dir(out_dir: str | Path) -> None:
 def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: str = "auto",
                     progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
                     evaluate: bool = False, text: str | None = None, tokens: int = EVAL_TOKENS) -> dict:
-    """Load, compress, optionally evaluate against the original, and save DIR; returns the report written.
+    """Load, calibrate / compress / heal as the plan says, optionally evaluate, and save DIR; returns the report.
 
+    Stages reported: load, calibrate (activation-aware methods), compress, heal (plan.heal_steps > 0; the
+    teacher is the original model), evaluate, save. The report records calibration and heal settings/curves.
     Example:
         report = compress_to_dir("smollm2-135m", Plan(target_ratio=0.8), "out/s80", evaluate=True)
         report["totals"]["bytes_after"], report["eval"]["ppl"]
     """
+    from saten_core.build import compress_loaded
     from saten_core.checkpoint import build_report, save_compressed
-    from saten_core.compress import compress_
     from saten_core.models import load_model, resolve_device
 
     plan.validate()
@@ -40,8 +42,10 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     start = time.perf_counter()
     loaded = load_model(model_ref, device=dev)
     reference = load_model(model_ref, device=dev) if evaluate else None
-    layers = compress_(loaded.model, plan, progress=progress, should_stop=should_stop)
-    extra: dict[str, Any] = {"device": dev, "plan": _plan_dict(plan)}
+    info = compress_loaded(loaded, plan, progress=progress, should_stop=should_stop,
+                           teacher=None if reference is None else reference.model)
+    layers = info.pop("layers")
+    extra: dict[str, Any] = {"device": dev, "plan": _plan_dict(plan), **info}
     if evaluate:
         _report(progress, "evaluate", 0.0, "measuring the compressed model against the original")
         extra["eval"] = evaluate_pair(reference, loaded, text=text, tokens=tokens)

@@ -31,7 +31,7 @@ def test_second_moment_matches_explicit_inputs():
     ids = _Tok()(text)["input_ids"][0, :100]
     x = m.emb(ids).detach().double()
     assert stats["a"].tokens == 100
-    torch.testing.assert_close(stats["a"].xtx, x.T @ x)
+    torch.testing.assert_close(stats["a"].xtx, x.T @ x, rtol=1e-5, atol=1e-5)  # float32 per-window products
     assert stats["b"].xtx.shape == (12, 12)
     torch.testing.assert_close(stats["a"].column_norms, x.norm(dim=0))
 
@@ -57,3 +57,27 @@ def test_bad_arguments():
         token_windows(_Tok(), "abc", 2, 0)
     with pytest.raises(ValueError, match="damp"):
         whitening_factor(InputStats(torch.eye(3, dtype=torch.float64), 1), damp=-1)
+
+
+class _Shared(nn.Module):
+    """Two layers fed the very same tensor (like q/k/v) and one fed another: the first two share stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        return self.o(self.q(h) + self.k(h))
+
+
+def test_layers_fed_the_same_tensor_share_one_entry():
+    torch.manual_seed(0)
+    m = _Shared()
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    stats = collect_input_stats(m, _Tok(), text, [("q", m.q), ("k", m.k), ("o", m.o)], tokens=100, seq_len=32)
+    x = m.emb(_Tok()(text)["input_ids"][0, :100]).detach().double()
+    assert stats["q"] is stats["k"] and stats["q"] is not stats["o"]
+    assert stats["k"].tokens == 100 and stats["o"].tokens == 100
+    torch.testing.assert_close(stats["k"].xtx, x.T @ x, rtol=1e-5, atol=1e-5)
