@@ -14,10 +14,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from saten_core.spec import STRUCTURES
+from saten_core.plan import Plan
+from saten_core.spec import METHODS, STRUCTURES, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
-CLI_METHODS = ("saten", "tt", "svd", "prune")
+CLI_METHODS = METHODS
+LOWRANK_SHARE = Plan.__dataclass_fields__["lowrank_share"].default
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,21 +75,46 @@ def plan_from_args(args: argparse.Namespace):
     """Turn the plan flags into a validated Plan (ValueError names the conflicting or bad value)."""
     from saten_core.plan import Override, Plan
 
-    if args.method == "prune" and (args.rank is not None or args.eps is not None):
-        raise ValueError("prune keeps weights by magnitude: use --density or --target-ratio, not --rank/--eps")
-    if args.method != "prune" and args.target_ratio is None and args.rank is None and args.eps is None:
+    kind = storage_method(args.method)  # wanda prunes, svd-w is an svd, saten-aw a saten
+    if kind == "prune" and (args.rank is not None or args.eps is not None):
+        raise ValueError(f"{args.method} keeps weights by score: use --density or --target-ratio, not --rank/--eps")
+    if kind != "prune" and args.target_ratio is None and args.rank is None and args.eps is None:
         raise ValueError(f"method {args.method} needs one of --target-ratio, --rank or --eps")
-    if args.method == "prune" and args.target_ratio is None and args.density is None and args.structure != "2:4":
-        raise ValueError("method prune needs --density or --target-ratio")
+    if kind == "prune" and args.target_ratio is None and args.density is None and args.structure != "2:4":
+        raise ValueError(f"method {args.method} needs --density or --target-ratio")
     overrides = []
     density = args.density
     if args.target_ratio is not None and density is not None:
-        if args.method != "saten":
+        if kind != "saten":
             raise ValueError(f"--density {density} conflicts with --target-ratio for method {args.method}")
         overrides, density = [Override(pattern="*", density=density)], None  # fixed density, rank fills the rest
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
                 lowrank_share=args.lowrank_share, order=args.order, overrides=overrides)
+    plan = with_calibration_args(plan, args)
+    plan.validate()
+    return plan
+
+
+def calib_arg(value: str | None) -> str | None:
+    """--calib: 'default' (bundled calibration text) or a UTF-8 file, checked now and stored as an absolute path."""
+    from saten_core.corpus import read_text_file
+
+    if value is None or value == "default":
+        return value
+    read_text_file(value)  # missing / not UTF-8 / empty -> one-line error before any heavy work
+    return str(Path(value).resolve())
+
+
+def with_calibration_args(plan, args: argparse.Namespace):
+    """The plan with the calibration / healing flags that were given replacing its fields (validated)."""
+    from dataclasses import replace
+
+    given = {field: getattr(args, field, None) for field in ("calib_tokens", "heal_steps", "heal_lr")}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "calib", None) is not None:
+        changes["calib"] = calib_arg(args.calib)
+    plan = replace(plan, **changes)
     plan.validate()
     return plan
 
@@ -154,7 +181,7 @@ def stderr_progress(stage: str, fraction: float, message: str) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     from saten_core.pipeline import check_out_dir, compress_to_dir
 
-    plan = read_plan(args.plan)
+    plan = with_calibration_args(read_plan(args.plan), args)
     check_out_dir(args.out)
     text = read_text_arg(args.text)
     progress = lambda stage, frac, msg: stage != "load" and stderr_progress(stage, frac, msg)
@@ -163,6 +190,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t = report["totals"]
     print(f"{t['layers']} layers: {t['bytes_before']:,} -> {t['bytes_after']:,} B ({t['ratio']:.1%}) "
           f"in {t['seconds']:.1f} s; report: {Path(args.out) / 'report.json'}", file=sys.stderr)
+    if report.get("heal"):
+        h = report["heal"]
+        print(f"healed {len(h['loss_curve'])} steps: held-out KL {h['eval_curve'][0][1]:.4f} -> "
+              f"{h['best_eval']:.4f} (best step {h['best_step']})", file=sys.stderr)
     if args.json:
         emit(report)
     return 0
@@ -209,12 +240,44 @@ def add_plan_parser(sub) -> None:
     size.add_argument("--rank", type=int, help="cap on every TT bond (svd: the matrix rank)")
     size.add_argument("--eps", type=float, help="TT-SVD relative error bound")
     p.add_argument("--density", type=float, help="fraction of residual (saten) / weights (prune) kept")
-    p.add_argument("--lowrank-share", type=float, default=0.5, help="saten + target ratio: TT share of bytes")
+    p.add_argument("--lowrank-share", type=float, default=LOWRANK_SHARE,
+                   help="saten(-aw) + target ratio: TT share of bytes")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--json", action="store_true", help="print plan + dry run as JSON on stdout")
+    add_calibration_args(p)
     p.set_defaults(func=cmd_plan)
+
+
+def non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """Flags for the plan's calibration / healing fields (on compress they override the plan file)."""
+    p.add_argument("--calib", help="calibration text: 'default' (bundled) or a UTF-8 file; used by "
+                                   "saten-aw / svd-w / wanda and healing")
+    p.add_argument("--calib-tokens", type=positive_int, help="calibration tokens for input statistics")
+    p.add_argument("--heal-steps", type=non_negative_int, help="distillation fine-tune steps after compressing "
+                                                               "(0: off)")
+    p.add_argument("--heal-lr", type=positive_float, help="healing learning rate")
 
 
 def add_run_parsers(sub) -> None:
@@ -227,6 +290,7 @@ def add_run_parsers(sub) -> None:
     c.add_argument("--text", help="UTF-8 text file for --eval (default: bundled held-out text)")
     c.add_argument("--tokens", type=positive_int, default=2048)
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_calibration_args(c)
     c.set_defaults(func=cmd_compress)
     e = sub.add_parser("eval", help="evaluate a model or a compressed DIR")
     e.add_argument("--model", required=True, help="model ref or compressed DIR")

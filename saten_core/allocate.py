@@ -23,7 +23,7 @@ import torch
 
 from saten_core.plan import Override, Plan, matching_override, selected
 from saten_core.preview import sparse_energy_share, tail_share, torch_dtype, tt_error_sq
-from saten_core.spec import LayerSpec
+from saten_core.spec import LayerSpec, storage_method
 
 Progress = Callable[[str, float, str], None]
 SATEN_DENSITIES = (0.0, *np.geomspace(1e-3, 1.0, 40).round(6).tolist())
@@ -78,9 +78,10 @@ def layer_candidates(layer: dict, plan: Plan) -> dict:
     """All settings tried for one layer: bytes, predicted e^2 and (rank, density) per candidate, plus dense."""
     n_in, n_out = layer["in_features"], layer["out_features"]
     dtype = torch_dtype(layer["dtype"])
-    ranks, densities, table = _grid(n_in, n_out, plan.method, plan.structure, plan.order, dtype)
-    low = _lowrank_err_sq(layer, plan.method, ranks, plan.order)
-    if plan.method in ("saten", "prune"):
+    kind = storage_method(plan.method)  # activation-aware methods: their data-free twin's spectra as a proxy
+    ranks, densities, table = _grid(n_in, n_out, kind, plan.structure, plan.order, dtype)
+    low = _lowrank_err_sq(layer, kind, ranks, plan.order)
+    if kind in ("saten", "prune"):
         kept = np.array([sparse_energy_share(layer, d, plan.structure) if d > 0 or plan.structure == "2:4"
                          else 0.0 for d in densities])
         err = low[:, None] * (1.0 - kept[None, :])
@@ -153,7 +154,7 @@ def _override(name: str, setting: tuple | None, plan: Plan) -> Override:
     if setting is None:
         return Override(pattern=name, skip=True)
     rank, density = setting
-    if plan.method in ("tt", "svd") or plan.structure == "2:4":
+    if storage_method(plan.method) in ("tt", "svd") or plan.structure == "2:4":
         return Override(pattern=name, rank=rank)
     return Override(pattern=name, rank=rank, density=float(density))
 
@@ -174,7 +175,7 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
     plan.validate()
     if plan.target_ratio is None:
         raise ValueError("allocation needs a target ratio (fraction of block-linear bytes to keep), got None")
-    if plan.method in ("saten", "tt") and plan.order != 2:
+    if storage_method(plan.method) in ("saten", "tt") and plan.order != 2:
         raise ValueError(f"allocation uses order-2 unfolding spectra; plan order {plan.order} is not supported")
     model = getattr(loaded, "model", loaded)
     spectra = spectra if spectra is not None else model_spectra(model, progress=progress)

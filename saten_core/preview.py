@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from saten_core.plan import Plan, layer_spec
-from saten_core.spec import LayerSpec
+from saten_core.spec import LayerSpec, storage_method
 from saten_core.spectrum import DENSITY_GRID
 
 
@@ -74,7 +74,7 @@ def sparse_energy_share(layer: dict, density: float, structure: str) -> float:
 
 
 def _modes(layer: dict, spec: LayerSpec) -> list[int]:
-    if spec.method == "svd":
+    if storage_method(spec.method) == "svd":
         return [layer["in_features"], layer["out_features"]]
     if spec.order != 2 or not layer.get("tt_modes"):
         from saten_core.tensorize import tensorized_shape
@@ -86,7 +86,7 @@ def _modes(layer: dict, spec: LayerSpec) -> list[int]:
 
 def _unfoldings(layer: dict, spec: LayerSpec) -> list[list[float]]:
     """Unfolding spectra for the spec's tensorisation (svd: the matrix itself)."""
-    if spec.method == "svd":
+    if storage_method(spec.method) == "svd":
         return [layer["singular_values"]]
     if spec.order != 2:
         raise ValueError(f"preview has unfolding spectra for order 2 only, got order {spec.order}")
@@ -106,20 +106,21 @@ def lowrank_ranks(layer: dict, spec: LayerSpec) -> list[int]:
 def nnz_of(layer: dict, spec: LayerSpec) -> int:
     """Kept sparse entries, as layer.py counts them (2:4 keeps half)."""
     numel = layer["in_features"] * layer["out_features"]
-    if spec.method in ("tt", "svd") or (spec.method == "saten" and spec.structure != "2:4" and spec.density == 0):
+    kind = storage_method(spec.method)
+    if kind in ("tt", "svd") or (kind == "saten" and spec.structure != "2:4" and spec.density == 0):
         return 0
     return numel // 2 if spec.structure == "2:4" else round(spec.density * numel)
 
 
 def predicted_error_sq(layer: dict, spec: LayerSpec, ranks: list[int]) -> float:
     """Predicted e^2 for one layer and resolved spec (module docstring gives the model)."""
-    if spec.method == "prune":
+    if storage_method(spec.method) == "prune":
         return max(0.0, 1.0 - sparse_energy_share(layer, spec.density, spec.structure))
-    if spec.method == "svd":
+    if storage_method(spec.method) == "svd":
         lowrank = tail_share(layer["singular_values"], ranks[1])
     else:
         lowrank = tt_error_sq(layer, ranks)
-    if spec.method == "saten" and nnz_of(layer, spec):
+    if storage_method(spec.method) == "saten" and nnz_of(layer, spec):
         lowrank *= 1.0 - sparse_energy_share(layer, spec.density, spec.structure)
     return max(0.0, lowrank)
 
@@ -151,7 +152,7 @@ def preview_layer(plan: Plan, layer: dict) -> dict:
            "macs_before": n_in * n_out, "macs_per_token": n_in * n_out, "predicted_rel_error": 0.0}
     if spec is None:
         return row
-    ranks = lowrank_ranks(layer, spec) if spec.method != "prune" else []
+    ranks = lowrank_ranks(layer, spec) if storage_method(spec.method) != "prune" else []
     nnz = nnz_of(layer, spec)
     weight_bytes, exact = _stored_bytes(layer, spec, ranks, nnz, dtype)
     mid = ranks[len(_modes(layer, spec)) // 2] if ranks else 0
