@@ -15,6 +15,21 @@ import streamlit as st
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_KEY = "model_ref"  # plain session value (not a widget key), so it survives page switches
 PLAN_KEY = "plan_json"
+# Human names for saten_core.spec.METHODS; a method added there and not here shows under its code name.
+METHOD_LABELS = {
+    "saten": "Saten: tensor train + sparse residual",
+    "saten-aw": "Saten, activation-aware (calibrated)",
+    "tt": "Tensor train only",
+    "svd": "Truncated SVD (baseline)",
+    "svd-w": "Whitened SVD, activation-aware (baseline)",
+    "prune": "Magnitude pruning (baseline)",
+    "wanda": "Wanda pruning, activation-aware (baseline)",
+}
+
+
+def method_label(method: str) -> str:
+    """'saten-aw' -> 'Saten, activation-aware (calibrated)'; unknown methods keep their code name."""
+    return METHOD_LABELS.get(method, method)
 
 
 def model_ref() -> str:

@@ -13,6 +13,7 @@ from studio_ui import (
     human_bytes,
     library,
     loaded_model,
+    method_label,
     model_caption,
     model_ref,
     show_error,
@@ -42,6 +43,7 @@ def load_recipe() -> None:
     st.session_state.update(plan_method=plan.method, plan_structure=plan.structure, plan_mode=mode,
                             plan_density=plan.density, plan_share=plan.lowrank_share,
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
+    st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps)
     if plan.target_ratio:
         st.session_state["plan_target"] = plan.target_ratio
     if plan.rank:
@@ -92,8 +94,9 @@ if msg := st.session_state.pop("plan_upload_error", None):
     st.error(msg)
 
 c1, c2, c3 = st.columns(3)
-method = c1.selectbox("Method", METHODS, key="plan_method",
-                      help="saten = TT + sparse residual; tt = TT only; svd = truncated SVD; prune = magnitude")
+method = c1.selectbox("Method", METHODS, key="plan_method", format_func=method_label,
+                      help="Activation-aware methods read a calibration text while compressing (set on the Run "
+                      "page); the others use the weights alone. Structure 2:4 applies to the sparse part.")
 structure = c2.radio("Sparsity structure", STRUCTURES, horizontal=True, key="plan_structure")
 mode = c3.radio("Set by", ["Target budget", "Rank and density", "Error bound"], key="plan_mode")
 s1, s2 = st.columns(2)

@@ -1,6 +1,7 @@
 """Run page: submit the current plan as a background job, then follow the live queue (progress, ETA, log, cancel)."""
 
 import time
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -29,13 +30,40 @@ except ValueError as exc:
     c1.warning(str(exc))
 evaluate = c2.checkbox("Evaluate after compressing (perplexity, agreement, latency)", value=True, key="run_eval")
 budget = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 24 * 60.0, 0.0, 1.0, key="run_budget")
-if "heal_steps" not in Plan.__dataclass_fields__:
-    st.info("Calibration and healing options are coming with the activation-aware methods (issue 5).",
-            icon=":material/construction:")
+
+st.subheader("Calibration and healing")
+plan = Plan.from_json(plan_json)
+h1, h2 = st.columns(2)
+source = h1.radio("Calibration text", ["Bundled corpus (calibration half of the Python docs)", "My own text file"],
+                  key="run_calib_source", help="Activation-aware methods measure each layer's inputs on it; healing "
+                  "trains on it. Evaluation always uses text the calibration never saw.")
+upload = h1.file_uploader("UTF-8 text file", type=["txt", "md"], key="run_calib_file") if source.startswith("My") \
+    else None
+calib_tokens = h1.number_input("Calibration tokens", 64, 10_000_000, plan.calib_tokens, 256, key="run_calib_tokens")
+heal_steps = h2.number_input("Healing steps (0 = off)", 0, 100_000, plan.heal_steps, 10, key="run_heal_steps",
+                             help="Fine-tunes the TT cores and kept values to match the original's outputs "
+                             "(distillation), keeping the best checkpoint on held-out calibration text.")
+heal_lr = h2.number_input("Healing learning rate", 1e-7, 1.0, plan.heal_lr, format="%.0e", key="run_heal_lr")
+calibrated = replace(plan, calib_tokens=int(calib_tokens), heal_steps=int(heal_steps), heal_lr=float(heal_lr))
+if not calibrated.needs_calibration():
+    h2.caption(f"`{plan.method}` uses the weights alone and healing is off: no calibration text is read.")
+
+
+def job_plan() -> str:
+    """The Plan page's plan with this page's calibration and healing settings (an upload is saved first)."""
+    from saten_core.corpus import save_user_text
+
+    calib = None
+    if calibrated.needs_calibration():
+        calib = str(save_user_text(upload.getvalue(), upload.name)) if upload is not None else "default"
+    return replace(calibrated, calib=calib).to_json()
+
 
 if st.button("Submit job", type="primary", icon=":material/send:", key="run_submit"):
     try:
-        job_id = jobs.submit(model_ref(), plan_json, evaluate=evaluate, device=device,
+        if source.startswith("My") and upload is None and calibrated.needs_calibration():
+            raise ValueError("choose a calibration text file, or use the bundled corpus")
+        job_id = jobs.submit(model_ref(), job_plan(), evaluate=evaluate, device=device,
                              time_budget_s=budget * 60 if budget else None)
         jobs.ensure_worker()
         st.success(f"Job {job_id} queued.")

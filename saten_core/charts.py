@@ -175,7 +175,8 @@ def _plan_summary(plan: dict) -> tuple[str, bool]:
             f"rank {plan['rank']}" if plan.get("rank") else f"eps {plan['eps']}" if plan.get("eps") else "")
     dens = f", d={plan['density']:g}" if plan.get("density") and not plan.get("target_ratio") else ""
     struct = " 2:4" if plan.get("structure") == "2:4" else ""
-    return f"{plan.get('method', '?')}{struct} {what}{dens}".strip(), False
+    part = "" if plan.get("include", ["*"]) == ["*"] else f" (only {', '.join(plan['include'])})"
+    return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + part, False
 
 
 def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:

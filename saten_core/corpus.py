@@ -49,3 +49,27 @@ def read_text_file(path: str | os.PathLike) -> str:
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     return text
+
+
+def save_user_text(data: bytes, name: str) -> Path:
+    """Keep an uploaded text under SATEN_HOME/texts/ so a queued job (another process) can read it later.
+
+    The file name carries a content hash, so the same upload is stored once and a plan naming it stays valid.
+    Raises ValueError (via read_text_file) for non-UTF-8 or empty content; nothing is kept then.
+    """
+    import hashlib
+
+    from saten_core.files import atomic_write_text, saten_home
+
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem)[:40] or "text"
+    path = saten_home() / "texts" / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}.txt"
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8: invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start}") \
+            from None
+    if not text.strip():
+        raise ValueError(f"text file {name} is empty")
+    if not path.is_file():
+        atomic_write_text(path, text)
+    return path

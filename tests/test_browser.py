@@ -184,7 +184,7 @@ def test_manager_demo_path_end_to_end(browser_page):
     open_page(page, "Home", heading="Saten Studio")
     page.get_by_role("button", name="Start the demo run").click()
     idle(page)
-    ids = [int(i) for i in re.findall(r"(\d+) \(", page.get_by_test_id("stAlert").first.inner_text())][:2]
+    ids = [int(i) for i in re.findall(r"(\d+) \((?:original|demo)", page.get_by_test_id("stAlert").first.inner_text())]
     assert len(ids) == 2, page.get_by_test_id("stAlert").first.inner_text()
 
     open_page(page, "Run")

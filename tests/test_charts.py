@@ -109,3 +109,8 @@ def test_runs_frame_labels_baseline_and_flags_slower_runs():
     ref = charts.reference_point(df, "m")
     assert ref == {"bytes_after": 100, "ppl": 15.0, "decode_ms": 10.0}
     assert charts.reference_point(df, "other") is None
+
+
+def test_runs_frame_says_when_a_run_touched_only_some_layers():
+    job = _job(4, {"method": "saten-aw", "target_ratio": 0.7, "include": ["model.layers.2[0-5].mlp.*"]})
+    assert charts.runs_frame([job])["label"].iloc[0] == "#4 saten-aw 70% bytes (only model.layers.2[0-5].mlp.*)"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from saten_core import corpus
+from saten_core.corpus import read_text_file
 
 
 def test_default_text_is_deterministic_and_large():
@@ -64,3 +65,25 @@ def test_read_text_file_empty(tmp_path: Path):
     f.write_text(" \n\t")
     with pytest.raises(ValueError, match="empty"):
         corpus.read_text_file(f)
+
+
+def test_save_user_text_keeps_one_copy_under_saten_home(tmp_path: Path, monkeypatch):
+    from saten_core.corpus import save_user_text
+
+    monkeypatch.setenv("SATEN_HOME", str(tmp_path))
+    first = save_user_text("\ufeffsome calibration text\n".encode(), "my notes.txt")
+    assert first.parent == tmp_path / "texts" and first.name.startswith("my_notes-")
+    assert read_text_file(first) == "some calibration text\n"
+    assert save_user_text(b"some calibration text\n", "other.txt").read_text() == first.read_text()
+    assert save_user_text("\ufeffsome calibration text\n".encode(), "my notes.txt") == first
+
+
+@pytest.mark.parametrize(("data", "message"), [(b"ok \xff", "not UTF-8: invalid byte 0xff at byte offset 3"),
+                                               (b"  \n", "is empty")])
+def test_save_user_text_rejects_bad_uploads(tmp_path: Path, monkeypatch, data: bytes, message: str):
+    from saten_core.corpus import save_user_text
+
+    monkeypatch.setenv("SATEN_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        save_user_text(data, "bad.txt")
+    assert not (tmp_path / "texts").exists()
