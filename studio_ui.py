@@ -54,10 +54,9 @@ def loaded_model(ref: str | None = None) -> Any | None:
         return None
 
 
-@st.cache_data(show_spinner="Computing the singular values of every layer (minutes on a CPU, once per model) ...",
-               max_entries=4)
+@st.cache_data(show_spinner="Reading the cached spectra of every layer ...", max_entries=4)
 def spectra(ref: str) -> dict:
-    """Spectra of the model's block linears (saten_core.spectrum keeps a disk cache keyed by the weights)."""
+    """All-layer spectra from saten_core.spectrum's disk cache (call only when _spectra_on_disk says they exist)."""
     from saten_core.spectrum import model_spectra
 
     return model_spectra(_load(ref).model)
@@ -72,14 +71,27 @@ def _spectra_on_disk(ref: str) -> bool:
 
 
 def spectra_if_ready(ref: str) -> dict | None:
-    """All-layer spectra when already computed for these weights, else None (never starts the long computation)."""
+    """All-layer spectra when already computed for these weights, else None (never starts the long computation:
+    that is a background job, see spectrum_job)."""
     return spectra(ref) if _spectra_on_disk(ref) else None
 
 
-def compute_all_spectra(ref: str) -> None:
-    """Button callback: compute (and disk-cache) every layer's spectrum, then refresh the readiness check."""
-    spectra(ref)
-    _spectra_on_disk.clear()
+def spectrum_job(ref: str) -> Any | None:
+    """The newest all-layer spectrum job of this model (any status), or None."""
+    from saten_core import jobs
+    from saten_core.jobs.store import check_model_ref
+
+    try:
+        target = check_model_ref(ref)
+    except ValueError:
+        return None
+    return next((j for j in jobs.list_jobs(limit=200) if j.task == "spectrum" and j.model_ref == target), None)
+
+
+def spectra_landed(ref: str) -> bool:
+    """After a spectrum job succeeded: forget the cached 'not on disk' answer and check again."""
+    _spectra_on_disk.clear(ref)
+    return _spectra_on_disk(ref)
 
 
 @st.cache_data(show_spinner="Computing this layer's spectrum ...", max_entries=64)

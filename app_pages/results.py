@@ -13,7 +13,7 @@ st.title("Results")
 jobs = library("jobs", "The job queue")
 if jobs is None:
     st.stop()
-runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded")])
+runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded") if j.task == "compress"])
 if runs.empty:
     st.info("No finished run yet: submit one on the Run page (or start the demo on Home).")
     st.stop()

@@ -14,7 +14,7 @@ st.title("ROI")
 jobs = library("jobs", "The job queue")
 if jobs is None:
     st.stop()
-runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded")])
+runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded") if j.task == "compress"])
 compressed = runs[~runs["baseline"]] if not runs.empty else runs
 if compressed.empty:
     st.info("No finished compression run yet: the ROI is computed from a run's measured numbers.")

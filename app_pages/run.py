@@ -75,7 +75,7 @@ def queue_frame(rows: list) -> pd.DataFrame:
     """Job rows -> the columns a person watching the queue cares about."""
     now = time.time()
     return pd.DataFrame([{
-        "id": j.id, "status": j.status, "model": j.model_ref.rsplit("/", 1)[-1], "stage": j.stage,
+        "id": j.id, "task": j.task, "status": j.status, "model": j.model_ref.rsplit("/", 1)[-1], "stage": j.stage,
         "progress": float(j.fraction or 0.0), "ETA (s)": None if j.eta_seconds is None else round(j.eta_seconds),
         "device": j.device_used or j.device_requested, "age (s)": round(now - j.created_at),
         "message": j.error or j.message} for j in rows])

@@ -5,7 +5,6 @@ import streamlit as st
 
 from saten_core import charts
 from studio_ui import (
-    compute_all_spectra,
     layer_names,
     layer_spectrum,
     library,
@@ -14,11 +13,14 @@ from studio_ui import (
     model_ref,
     show_error,
     spectra_if_ready,
+    spectra_landed,
+    spectrum_job,
 )
 
 st.title("Spectrum")
 model_caption()
-if library("spectrum", "Layer spectrum analysis") is None or loaded_model() is None:
+jobs = library("jobs", "The job queue")
+if library("spectrum", "Layer spectrum analysis") is None or jobs is None or loaded_model() is None:
     st.stop()
 ref = model_ref()
 names = layer_names(ref)
@@ -48,12 +50,39 @@ st.caption(f"TT modes in x out: {entry['tt_modes'][0]} x {entry['tt_modes'][1]}.
 st.plotly_chart(charts.unfoldings_chart(charts.unfoldings_frame(entry["tt_unfoldings"]), rank), key="tt_chart")
 
 st.subheader("Energy kept by the rank cap, per layer and module")
+
+
+@st.fragment(run_every=2)
+def scan(ref: str, layers: int) -> None:
+    """The all-layer scan is a background job (minutes on a CPU): offer it, or follow it until its cache lands."""
+    job = spectrum_job(ref)
+    if job is not None and job.status == "succeeded":
+        if spectra_landed(ref):
+            st.rerun()
+        st.warning(f"Spectrum job {job.id} finished but its cache is not there for these weights: run it again.")
+    if job is not None and job.status in ("queued", "running"):
+        eta = "" if job.eta_seconds is None else f", about {job.eta_seconds:.0f} s left in this stage"
+        st.progress(float(job.fraction or 0.0), text=f"Spectrum job {job.id} {job.status}: {job.stage or 'waiting'}"
+                    f"{eta}. {job.message or ''}")
+        if st.button("Cancel the scan", icon=":material/cancel:", key="spectrum_cancel"):
+            jobs.request_cancel(job.id)
+        return
+    if job is not None and job.status in ("failed", "cancelled"):
+        st.warning(f"Spectrum job {job.id} {job.status}: {job.error or job.message}")
+    st.info(f"The map needs the spectra of all {layers} layers: computed once per model by a background job and "
+            "cached on disk (several minutes for a 135 M model on a CPU; progress shows here and on Run).")
+    if st.button("Compute all layers", key="spectrum_all", icon=":material/grid_on:"):
+        try:
+            jobs.submit_spectrum(ref)
+            jobs.ensure_worker()
+        except (ValueError, OSError) as exc:
+            show_error(exc)
+        st.rerun()
+
+
 data = spectra_if_ready(ref)
 if data is None:
-    st.info(f"The map needs the spectra of all {len(names)} layers: computed once per model and cached on disk "
-            "(several minutes for a 135 M model on a CPU).")
-    st.button("Compute all layers", on_click=compute_all_spectra, args=(ref,), key="spectrum_all",
-              icon=":material/grid_on:")
+    scan(ref, len(names))
     st.stop()
 heat = charts.energy_kept_frame(data["layers"], rank)
 st.plotly_chart(charts.heatmap_chart(heat, title=f"Share of ||W||^2 in the top {rank} singular values"),

@@ -79,7 +79,20 @@ def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
     assert at.error and "Cannot load model" in at.error[0].value
 
 
-def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tmp_path, monkeypatch):
+def scan_all_layers(at: AppTest) -> AppTest:
+    """Click 'Compute all layers' (it queues a spectrum job), run that job here, and let the page pick it up."""
+    from saten_core import jobs
+
+    at.button(key="spectrum_all").click().run()
+    no_exception(at)
+    job = jobs.list_jobs()[0]
+    assert job.task == "spectrum" and job.status == "queued"
+    assert any("Spectrum job" in p.proto.text for p in at.get("progress"))
+    assert jobs.run_worker(once=True) == 1 and jobs.get_job(job.id).status == "succeeded"
+    return at.run()
+
+
+def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tmp_path, monkeypatch, no_spawn):
     monkeypatch.setenv("SATEN_HOME", str(tmp_path))  # no all-layer spectra cached by earlier tests
     at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
     no_exception(at)
@@ -87,16 +100,17 @@ def test_spectrum_page_draws_one_layer_then_the_all_layer_map(tiny_llama_dir, tm
     assert metric(at, "Shape (out x in)") == "64 x 64"
     at.slider(key="spectrum_rank").set_value(2).run()
     no_exception(at)
-    at.button(key="spectrum_all").click().run()
+    scan_all_layers(at)
     no_exception(at)
+    assert no_spawn, "the scan must start a worker"
     assert len(at.get("plotly_chart")) == 4  # + the layer x module heatmap
     assert at.dataframe[0].value.shape[0] == 14
 
 
-def test_plan_allocation_fills_overrides_within_budget(tiny_llama_dir):
+def test_plan_allocation_fills_overrides_within_budget(tiny_llama_dir, no_spawn):
     at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
     if any(b.key == "spectrum_all" for b in at.button):  # allocation needs the all-layer spectra
-        at.button(key="spectrum_all").click().run()
+        scan_all_layers(at)
     at.switch_page("app_pages/plan.py").run()
     no_exception(at)
     assert len(at.get("plotly_chart")) == 1  # predicted per-layer error

@@ -77,6 +77,11 @@ class Job:
         return json.loads(self.eval_json or "{}").get("tokens")
 
     @property
+    def task(self) -> str:
+        """What the worker does with the row: "compress" (plan -> model folder) or "spectrum" (all-layer spectra)."""
+        return json.loads(self.eval_json or "{}").get("task", "compress")
+
+    @property
     def result(self) -> dict | None:
         return json.loads(self.result_json) if self.result_json else None
 
@@ -327,6 +332,19 @@ def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: in
     settings = {"evaluate": bool(evaluate), "tokens": tokens}
     return insert_job(model_ref, plan.to_json(), eval_settings=settings, device=device,
                       time_budget_s=None if time_budget_s is None else float(time_budget_s))
+
+
+def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
+    """Queue the all-layer spectrum scan of a model (minutes on a CPU); the worker fills the disk cache.
+
+    It is a job, not a call in the dashboard process, so it shows progress, can be cancelled and survives the page.
+    The row carries a plan that changes nothing (the table needs one); `Job.task` says "spectrum".
+    """
+    from saten_core.plan import Plan
+
+    settings = {"task": "spectrum", "evaluate": False, "tokens": None}
+    return insert_job(check_model_ref(model_ref), Plan(exclude=["*"]).to_json(), eval_settings=settings,
+                      device=check_device(device))
 
 
 def check_model_ref(ref: str) -> str:

@@ -171,9 +171,27 @@ def execute(job: store.Job, pid: int) -> str:
     return status
 
 
+def _run_spectrum(run: JobRun) -> dict[str, Any]:
+    """All-layer spectra of the job's model into the spectrum disk cache (the dashboard reads them from there)."""
+    from saten_core.models import load_model, resolve_device
+    from saten_core.spectrum import model_spectra
+
+    device = resolve_device(run.job.device_requested)
+    store.update_running(run.job.id, run.pid, device_used=device)
+    run.progress("load", 0.0, f"loading {run.job.model_ref}")
+    data = model_spectra(load_model(run.job.model_ref).model, device=device, progress=run.progress)
+    summary = {"task": "spectrum", "fingerprint": data["fingerprint"], "layers": len(data["layers"]),
+               "cached": data["cached"], "seconds": data.get("seconds")}
+    return {"result_json": json.dumps(summary), "stage": "done", "fraction": 1.0, "eta_seconds": 0.0,
+            "message": f"spectra of {len(data['layers'])} layers " + ("were cached" if data["cached"] else "cached")}
+
+
 def _run_pipeline(run: JobRun) -> dict[str, Any]:
     """compress_to_dir into a temp sibling of jobs/<id>/model, renamed into place only on success."""
     from saten_core import pipeline
+
+    if run.job.task == "spectrum":
+        return _run_spectrum(run)
     from saten_core.models import resolve_device
     from saten_core.plan import Plan
 
