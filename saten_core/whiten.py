@@ -5,8 +5,10 @@ For inputs X (T, in) with second moment C = L L^T, the output error of a weight 
 rank caps as the data-free method) and mapped back as L^{-T} M_hat. Only the input-side cores change: the
 output-side cores of M_hat are kept (right-orthogonalised), and A = L^{-T} A_M (in, r) is re-split into
 input-side cores with the same bond caps. That split is exact whenever every input-side bond is at its full
-value (order 1 always; order 2 when the rank cap is >= the first input mode, e.g. >= 24 for 576-wide layers);
-otherwise it is the Frobenius-optimal truncation of that bond, and `rett_loss` measures what it costs.
+value (order 1 always; order 2 when the rank cap is >= the first input mode, e.g. >= 24 for 576-wide layers).
+Otherwise no exact split exists (L^{-T} mixes the input modes): the Frobenius-optimal truncation of that bond
+starts an alternating least-squares refinement in the whitened norm (order 2: both input cores are linear
+least-squares problems with small normal equations), and `rett_loss` measures what is left.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch.linalg import solve_triangular
 
 from saten_core.tensorize import tensorize
 from saten_core.tt import tt_factor_pair, tt_svd
+
+ALS_SWEEPS = 2  # refinement sweeps of a lossy input-side split: 2 removed the whole loss on smollm2 layers
 
 
 def whitened_tt(wt: Tensor, low: Tensor, in_modes: list[int], out_modes: list[int], *,
@@ -37,7 +41,50 @@ def whitened_tt(wt: Tensor, low: Tensor, in_modes: list[int], out_modes: list[in
     a_m, _ = tt_factor_pair(cores, n_in)  # (in, r): the whitened input-side factor
     a = solve_triangular(low.mT, a_m.double(), upper=True) @ carry.double()  # L^{-T} A_M R, (in, r')
     ranks = [int(g.shape[-1]) for g in cores[: n_in - 1]]
-    return split_input_side(a.float(), in_modes, ranks) + out_cores
+    in_cores = split_input_side(a.float(), in_modes, ranks)
+    if n_in == 2 and ranks[0] < in_modes[0]:  # lossy bond: refine it for output error, not weight error
+        in_cores = refine_input_pair(in_cores, low, low.mT @ a)
+    return in_cores + out_cores
+
+
+def refine_input_pair(cores: list[Tensor], low: Tensor, target: Tensor, sweeps: int = ALS_SWEEPS) -> list[Tensor]:
+    """Alternating least squares on the two input cores G1 (1, i1, r1), G2 (r1, i2, r) minimising
+    ||L^T A(G1, G2) - target||_F (target = L^T A_exact, (in, r)); each half-step is exact, so it never worsens.
+    """
+    g1, g2 = cores[0][0].double(), cores[1].double()  # (i1, r1), (r1, i2, r)
+    i1, r1 = g1.shape
+    i2 = g2.shape[1]
+    c = (low @ low.mT).reshape(i1, i2, i1, i2)
+    rhs = (low @ target).reshape(i1, i2, -1)  # L Y: gradient of the linear term, (i1, i2, r)
+    for _ in range(sweeps):
+        g2 = _solve_second(g1, c, rhs)
+        g1 = _solve_first(g2, c, rhs)
+    return [g1.reshape(1, i1, r1).to(cores[0].dtype), g2.to(cores[1].dtype).contiguous()]
+
+
+def _ridge_solve(h: Tensor, g: Tensor) -> Tensor:
+    """Solve the normal equations h x = g with a tiny ridge (the split has a gauge freedom G1 S, S^-1 G2)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(h + 1e-10 * h.diagonal().mean().clamp_min(1e-30) * eye, g)
+
+
+def _solve_second(g1: Tensor, c: Tensor, rhs: Tensor) -> Tensor:
+    """Best G2 for fixed G1: A = (G1 kron I) G2m, so (P^T C P) G2m = P^T L Y with P = G1 kron I."""
+    i1, r1 = g1.shape
+    i2 = c.shape[1]
+    h = torch.einsum("as,abcd,ct->sbtd", g1, c, g1).reshape(r1 * i2, r1 * i2)
+    g = torch.einsum("as,abk->sbk", g1, rhs).reshape(r1 * i2, -1)
+    return _ridge_solve(h, g).reshape(r1, i2, -1)
+
+
+def _solve_first(g2: Tensor, c: Tensor, rhs: Tensor) -> Tensor:
+    """Best G1 for fixed G2: the objective is quadratic in vec(G1) with Hessian H[(a,s),(c,t)]."""
+    r1 = g2.shape[0]
+    i1 = c.shape[0]
+    k = torch.einsum("sbk,tdk->sbtd", g2, g2)
+    h = torch.einsum("abcd,sbtd->asct", c, k).reshape(i1 * r1, i1 * r1)
+    g = torch.einsum("abk,sbk->as", rhs, g2).reshape(-1)
+    return _ridge_solve(h, g).reshape(i1, r1)
 
 
 def right_orthogonalize(cores: list[Tensor]) -> tuple[list[Tensor], Tensor]:
