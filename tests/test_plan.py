@@ -29,6 +29,11 @@ PLANS = [
     Plan(method="saten", rank=4, density=0.2,
          overrides=[Override("*.0.*", rank=2), Override("*q_proj", eps=0.1, density=0.0),
                     Override("*v_proj", skip=True)]),
+    Plan(method="saten-aw", target_ratio=0.5, lowrank_share=0.1, calib="default", calib_tokens=1024,
+         heal_steps=50, heal_lr=3e-4, heal_seq_len=128, heal_batch_size=2, heal_tokens=4096, heal_eval_tokens=512,
+         heal_eval_every=5, heal_lm_weight=0.5),
+    Plan(method="svd-w", rank=16, calib="/data/my text.txt", calib_seq_len=256),
+    Plan(method="wanda", structure="2:4", heal_steps=10),
 ]
 
 
@@ -56,6 +61,15 @@ def test_json_round_trip(plan):
     ({"overrides": [{"pattern": "*", "sizzle": 1}]}, "sizzle"),
     ({"overrides": [{"pattern": "", "rank": 2}]}, "pattern"),
     ({"include": "*"}, "include"),
+    ({"calib": ""}, "calib"),
+    ({"calib": 3}, "calib"),
+    ({"calib_tokens": 0}, "calib_tokens"),
+    ({"calib_tokens": 2.5}, "2.5"),
+    ({"heal_steps": -1}, "-1"),
+    ({"heal_steps": True}, "heal_steps"),
+    ({"heal_lr": 0}, "heal_lr"),
+    ({"heal_seq_len": 0}, "heal_seq_len"),
+    ({"heal_lm_weight": -1.0}, "heal_lm_weight"),
 ])
 def test_bad_plans_name_the_value(bad, word):
     with pytest.raises(ValueError, match=None) as info:
@@ -164,3 +178,9 @@ def test_dry_run_leaves_model_untouched(tiny_llama_dir):
     assert tot["layers_changed"] == len(rows) // 2 and tot["predicted_bytes"] < tot["bytes_before"]
     after = loaded.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_needs_calibration():
+    assert not Plan().needs_calibration()
+    assert Plan(method="wanda", density=0.5).needs_calibration()
+    assert Plan(method="saten", rank=4, heal_steps=1).needs_calibration()
