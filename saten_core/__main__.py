@@ -14,12 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from saten_core.plan import Plan
+from saten_core.plan import LOWRANK_SHARE
 from saten_core.spec import METHODS, STRUCTURES, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
 CLI_METHODS = METHODS
-LOWRANK_SHARE = Plan.__dataclass_fields__["lowrank_share"].default
 
 
 class Parser(argparse.ArgumentParser):
