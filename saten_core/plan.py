@@ -10,9 +10,10 @@ from typing import Any
 
 from saten_core.spec import METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
 
-# Calibration tokens by default: enough for stable input statistics of 576/1536-wide layers, and about a
-# minute of CPU for SmolLM2-135M (docs/benchmarks/activation.md).
-CALIB_TOKENS = 2048
+# Calibration tokens by default: more than the widest smollm2 input (1536), so its second moment is full rank
+# before damping; 2048 tokens took 14 s on 2 idle CPU cores for all 210 layers, so 4096 take ~30 s
+# (docs/benchmarks/activation.md).
+CALIB_TOKENS = 4096
 # Share of a layer's kept bytes given to the TT part when target_ratio picks rank and density. Measured on 8
 # smollm2-135m layers (docs/benchmarks/activation.md): held-out output error falls monotonically as the share
 # shrinks from 0.5 to 0.05, for saten-aw and data-free saten, at 80% and 50% bytes (saten-aw median 0.213 ->
