@@ -41,10 +41,10 @@ else:
     b.info("No run measured latency yet (tick 'Evaluate' when submitting).")
 
 st.subheader("One run")
-pick = st.selectbox("Run", list(mine["id"]), format_func=lambda i: mine.set_index("id").loc[i, "label"],
+runs_first = list(compressed["id"]) + list(mine[mine["baseline"]]["id"])  # newest compressed run by default
+pick = st.selectbox("Run", runs_first, format_func=lambda i: mine.set_index("id").loc[i, "label"],
                     key="results_pick")
 job = jobs.get_job(int(pick))
-job_label = mine.set_index("id").loc[pick, "label"]
 report = job.result or {}
 layers = pd.DataFrame(report.get("layers") or [])
 if not layers.empty and "rel_error" in layers:
@@ -71,7 +71,7 @@ if job.artifact_dir and st.button("Ask both models", icon=":material/forum:", ke
 shown = st.session_state.get("results_answers")
 if shown and shown["job"] == job.id:
     left, right = st.columns(2)
-    for col, side, title in ((left, "original", "Original"), (right, "compressed", f"Compressed ({job_label})")):
+    for col, side, title in ((left, "original", "Original"), (right, "compressed", f"Compressed (run #{job.id})")):
         col.markdown(f"**{title}**")
         col.container(border=True).markdown(f"*{shown['prompt']}* {shown[side]['text']}")
         col.caption(f"{shown[side]['tokens']} tokens in {shown[side]['seconds']:.1f} s")

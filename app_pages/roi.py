@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from saten_core import charts
-from saten_core.report import ReportInput, headline, to_html, to_markdown
+from saten_core.report import ReportInput, dollars, headline, to_html, to_markdown
 from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, measured_from_run, roi_table
 from studio_ui import library, loaded_model, show_error
 
@@ -60,7 +60,7 @@ except (ValueError, OSError) as exc:
 
 st.subheader("Outcome")
 m = st.columns(4)
-m[0].metric("Monthly saving", f"${result.monthly_saving:,.0f}")
+m[0].metric("Monthly saving", dollars(result.monthly_saving))
 m[1].metric("Payback", "never" if result.payback_months is None else f"{result.payback_months:.1f} months")
 m[2].metric("Decode speed vs original", f"{result.speedup:.2f}x", help=f"measured on {run['device']}")
 m[3].metric("Perplexity vs original", "n/a" if result.ppl_ratio is None else f"{result.ppl_ratio:.2f}x")

@@ -31,13 +31,18 @@ class ReportInput:
     caveats: list[str] = field(default_factory=list)
 
 
+def dollars(amount: float) -> str:
+    """-584.2 -> '-$584' (a manager reads '$-584' as a typo); 1234 -> '$1,234'."""
+    return f"{'-' if amount < 0 else ''}${abs(amount):,.0f}"
+
+
 def headline(roi: RoiResult) -> list[str]:
     """Short sentences that say the result in plain words (speed, size, quality, money)."""
     speed = "faster" if roi.speedup >= 1 else "SLOWER"
     lines = [
         f"Model size: {roi.size_ratio:.0%} of the original.",
         f"Decode speed: {roi.speedup:.2f}x the original ({speed}).",
-        f"Monthly saving: ${roi.monthly_saving:,.0f} (engineering cost ${roi.engineering_cost:,.0f}).",
+        f"Monthly saving: {dollars(roi.monthly_saving)} (engineering cost {dollars(roi.engineering_cost)}).",
         "Payback: " + (f"{roi.payback_months:.1f} months." if roi.payback_months is not None
                        else "never at this traffic (no saving)."),
     ]

@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from saten_core.roi import GPU_CATALOG, HOURS_PER_MONTH
+from studio_ui import method_label
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -163,6 +164,48 @@ def test_run_page_submit_creates_a_job(tiny_llama_dir, no_spawn):
     assert job.model_ref == str(Path(tiny_llama_dir).resolve()) and job.status == "queued" and not job.evaluate
     assert no_spawn
     jobs.request_cancel(job.id)
+
+
+def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    at = page("app_pages/run.py", model=str(tiny_llama_dir))
+    no_exception(at)
+    assert any("no calibration text is read" in c.value for c in at.caption)  # data-free default, no healing
+    at.checkbox(key="run_eval").uncheck()
+    at.number_input(key="run_heal_steps").set_value(5)
+    at.number_input(key="run_calib_tokens").set_value(512).run()
+    no_exception(at)
+    at.button(key="run_submit").click().run()
+    no_exception(at)
+    assert at.success, [e.value for e in at.error]
+    job = jobs.list_jobs()[0]
+    plan = Plan.from_json(job.plan_json)
+    assert (plan.heal_steps, plan.calib_tokens, plan.calib) == (5, 512, "default")
+    jobs.request_cancel(job.id)
+
+
+def test_run_page_without_an_uploaded_text_refuses_to_submit(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+
+    at = page("app_pages/run.py", model=str(tiny_llama_dir), run_calib_source="My own text file", run_heal_steps=3)
+    count = len(jobs.list_jobs())
+    at.button(key="run_submit").click().run()
+    no_exception(at)
+    assert at.error and "choose a calibration text file" in at.error[0].value
+    assert len(jobs.list_jobs()) == count
+
+
+def test_plan_page_offers_every_method_of_the_library_with_labels(tiny_llama_dir):
+    from saten_core.spec import METHODS
+
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir))
+    box = at.selectbox(key="plan_method")
+    assert list(box.options) == [method_label(m) for m in METHODS]
+    box.set_value("saten-aw").run()
+    no_exception(at)
+    assert at.table or at.dataframe
 
 
 @pytest.mark.parametrize("path", ["app_pages/results.py", "app_pages/roi.py"])

@@ -120,3 +120,9 @@ def test_measured_from_run_adds_the_untouched_bytes_and_needs_a_reference():
     assert m.decode_s_compressed == pytest.approx(0.012) and m.ppl_original is None
     with pytest.raises(ValueError, match="decode_ms_original"):
         measured_from_run({**run, "decode_ms_original": None}, 0)
+
+
+def test_dollars_puts_the_minus_before_the_currency_sign():
+    from saten_core.report import dollars
+
+    assert (dollars(-584.2), dollars(1234.0), dollars(0.0)) == ("-$584", "$1,234", "$0")
