@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -113,6 +114,29 @@ _local = threading.local()
 def db_path() -> Path:
     """saten_home()/jobs.db, read at call time so SATEN_HOME set by tests or the app is honoured."""
     return saten_home() / "jobs.db"
+
+
+def job_dir(job_id: int) -> Path:
+    """saten_home()/jobs/<id>/: the job's log, and model/ (the artifact dir) once it succeeded."""
+    return saten_home() / "jobs" / str(int(job_id))
+
+
+def remove_partial_files(job_id: int) -> list[str]:
+    """Delete the temp entries (".name.xxx.tmp") a killed worker left in the job folder; returns their names.
+
+    Atomic writes only ever rename a finished temp into place, so after a SIGKILL the only debris is the temps:
+    removing them leaves the folder as if the interrupted write had never started.
+    """
+    folder = job_dir(job_id)
+    removed = sorted(p.name for p in folder.glob(".*")) if folder.is_dir() else []
+    for name in removed:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+    return removed
 
 
 def connect() -> sqlite3.Connection:
@@ -279,7 +303,10 @@ def stale_reason(job: Job, now: float) -> str | None:
 
 
 def recover_stale(now: float | None = None) -> list[int]:
-    """Mark running jobs whose worker is dead or silent as failed with the reason; returns their ids."""
+    """Mark running jobs whose worker is dead or silent as failed with the reason; returns their ids.
+
+    Their half-written temp files are removed too, so a recovered job's folder holds only whole files.
+    """
     now = time.time() if now is None else now
     recovered = []
     for job in list_jobs(status="running"):
@@ -292,6 +319,7 @@ def recover_stale(now: float | None = None) -> list[int]:
                                (reason, now, job.id, job.worker_pid))
         if cur.rowcount:
             recovered.append(job.id)
+            remove_partial_files(job.id)
     _forget_dead_workers(now)
     return recovered
 

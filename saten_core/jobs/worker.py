@@ -27,9 +27,7 @@ OOM_HINT = "CUDA out of memory: try a smaller rank or --device cpu"
 _spawned: list[subprocess.Popen] = []  # children of this process, polled so they never linger as zombies
 
 
-def job_dir(job_id: int) -> Path:
-    """saten_home()/jobs/<id>/: the job's log, and model/ (the artifact dir) once it succeeded."""
-    return saten_home() / "jobs" / str(job_id)
+job_dir = store.job_dir  # kept here too: the dashboard and tests reach the job folder through the worker
 
 
 def read_log(job_id: int) -> str:
