@@ -141,11 +141,18 @@ def failure_message(exc: BaseException) -> str:
 
 
 def free_device_memory() -> None:
-    """Return cached GPU memory after every job, so a cancelled or failed job leaves the card clean."""
+    """Return cached GPU memory after every job, so a cancelled or failed job leaves the card clean.
+
+    cuBLAS keeps a workspace (32 MiB on an H200) in the caching allocator after the first matmul; an idle
+    worker should hold nothing, so that is released too (private API, present in CUDA builds of torch).
+    """
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 
