@@ -75,7 +75,7 @@ def leftovers(job_id: int) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "job.log") if folder.exists() else []
 
 
-def test_submit_then_worker_once_succeeds_with_metrics(tiny_llama_dir: Path):
+def test_submit_then_worker_once_succeeds_with_metrics(tiny_llama_dir: Path, job_home: Path):
     job_id = store.submit(str(tiny_llama_dir), PLAN, evaluate=True, tokens=256, device="cpu")
     assert store.get_job(job_id).status == "queued"
     assert worker.run_worker(once=True) == 1
@@ -91,6 +91,8 @@ def test_submit_then_worker_once_succeeds_with_metrics(tiny_llama_dir: Path):
     assert model_dir == worker.job_dir(job_id) / "model" and (model_dir / "report.json").is_file()
     assert leftovers(job_id) == ["model"]
     assert "[compress]" in worker.read_log(job_id) and "succeeded" in worker.read_log(job_id)
+    reopened = cli("jobs", "show", str(job_id), "--json", home=job_home)  # a fresh process: the result persisted
+    assert reopened.returncode == 0 and store.Job.from_dict(json.loads(reopened.stdout)) == job
 
 
 def test_plan_is_stored_exactly_as_plan_to_json(tiny_llama_dir: Path):
