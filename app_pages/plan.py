@@ -104,8 +104,10 @@ settings: dict = {"method": method, "structure": structure}
 if mode == "Target budget":
     settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
                                          key="plan_target")
-    settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.05, 1.0, 0.5, 0.05,
-                                          key="plan_share")
+    settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.01, 1.0,
+                                          Plan().lowrank_share, 0.01, key="plan_share",
+                                          help="default from bench_activation: output error falls as the share "
+                                          "falls (docs/benchmarks/activation.md)")
     ready = spectra_if_ready(model_ref()) is not None
     s1.button("Allocate per layer for this budget", on_click=allocate, args=(dict(settings),), disabled=not ready,
               key="plan_allocate", help="needs the all-layer spectra (Spectrum page)" if not ready else

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from saten_core.plan import Plan
 from saten_core.roi import GPU_CATALOG, HOURS_PER_MONTH
 from studio_ui import method_label
 
@@ -134,6 +135,13 @@ def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
     assert before != after
     assert metric(at, "Kept") in ("50.0%", "49.9%", "49.8%")
     assert metric(at, "Bytes before") == "288.00 KiB"
+
+
+def test_plan_page_defaults_follow_the_library_plan(tiny_llama_dir):
+    """The page starts from the measured library defaults, not its own guesses."""
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir))
+    no_exception(at)
+    assert at.slider(key="plan_share").value == Plan().lowrank_share
 
 
 def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
