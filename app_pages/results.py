@@ -19,8 +19,7 @@ if runs.empty:
     st.stop()
 
 model = st.selectbox("Model", sorted(runs["model"].unique()), key="results_model")
-mine = runs[runs["model"] == model].copy()
-mine["size (MiB)"] = mine["bytes_after"] / 2**20
+mine, size_title = charts.with_size_mib(runs[runs["model"] == model])
 mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
 st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")
 if mine["slower"].any():
@@ -28,10 +27,11 @@ if mine["slower"].any():
 
 compressed = mine[~mine["baseline"]]
 ref = charts.reference_point(runs, model)
-if ref is not None and ref.get("bytes_after") is not None:
-    ref = {**ref, "size (MiB)": ref["bytes_after"] / 2**20}
+if ref is not None:
+    ref_bytes = ref["model_bytes_after"] if size_title.startswith("model") else ref["bytes_after"]
+    ref = {**ref, "size (MiB)": ref_bytes / 2**20}
 a, b = st.columns(2)
-a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, "block-linear size (MiB)", "perplexity"),
+a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity"),
                key="tradeoff_size")
 if compressed["decode_ms"].notna().any():
     lat_ref = ref if ref is not None and ref.get("decode_ms") is not None else None

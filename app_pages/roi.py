@@ -21,14 +21,12 @@ if compressed.empty:
     st.stop()
 
 
-@st.cache_data(show_spinner="Measuring the parts of the model that are not compressed ...")
-def untouched_bytes(ref: str) -> int:
-    """Embeddings, norms and head: the same bytes before and after, but they count in a replica's memory."""
-    from saten_core.models import layer_table
+@st.cache_data(show_spinner="Measuring the model's size ...")
+def model_bytes(ref: str) -> int:
+    """Whole-model bytes, for runs recorded before jobs stored them (newer runs carry model_bytes_before)."""
+    from saten_core.models import parameter_bytes
 
-    model = loaded_model(ref).model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total - sum(r["bytes"] for r in layer_table(model))
+    return parameter_bytes(loaded_model(ref).model)
 
 
 pick = st.selectbox("Run", list(compressed["id"]), key="roi_run",
@@ -52,8 +50,9 @@ inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, req
                    tokens_per_request=tokens, current_replicas=int(replicas), overhead_gib=overhead,
                    engineering_days=days, day_rate=rate)
 try:
-    other = untouched_bytes(run["model"])
-    result = compute_roi(inputs, measured_from_run(run, other))
+    recorded = run.get("model_bytes_before")
+    legacy = model_bytes(run["model"]) if recorded is None or recorded != recorded else None
+    result = compute_roi(inputs, measured_from_run(run, legacy))
 except (ValueError, OSError) as exc:
     show_error(exc)
     st.stop()

@@ -191,17 +191,20 @@ def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:
     for job in jobs:
         plan = json.loads(job["plan_json"])
         label, baseline = _plan_summary(plan)
-        ev = (json.loads(job["result_json"]).get("eval") or {}) if job.get("result_json") else {}
+        result = json.loads(job["result_json"]) if job.get("result_json") else {}
+        ev, tot = result.get("eval") or {}, result.get("totals") or {}
         rows.append({"id": job["id"], "label": f"#{job['id']} {label}", "model": job["model_ref"],
                      "method": "original" if baseline else plan.get("method", "?"), "baseline": baseline,
                      "device": job.get("device_used"), "bytes_before": job.get("bytes_before"),
                      "bytes_after": job.get("bytes_after"), "ppl": job.get("ppl"),
                      "ppl_original": ev.get("ppl_original"), "kl": job.get("kl"),
                      "top1_agreement": job.get("top1_agreement"), "decode_ms": job.get("decode_ms_per_token"),
-                     "prefill_ms": job.get("prefill_ms"), "seconds": job.get("seconds")})
+                     "prefill_ms": job.get("prefill_ms"), "seconds": job.get("seconds"),
+                     "model_bytes_before": tot.get("model_bytes_before"),
+                     "model_bytes_after": tot.get("model_bytes_after")})
     df = pd.DataFrame(rows, columns=["id", "label", "model", "method", "baseline", "device", "bytes_before",
-                                     "bytes_after", "ppl", "ppl_original", "kl", "top1_agreement", "decode_ms",
-                                     "prefill_ms", "seconds"])
+                                     "bytes_after", "model_bytes_before", "model_bytes_after", "ppl", "ppl_original",
+                                     "kl", "top1_agreement", "decode_ms", "prefill_ms", "seconds"])
     return _mark_slower(df)
 
 
@@ -219,10 +222,23 @@ def _mark_slower(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def with_size_mib(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Add `size (MiB)`: whole-model bytes when every run recorded them, else the changed layers' bytes.
+
+    Runs may change different layer subsets (the demo touches 18 of 210), so only whole-model sizes compare
+    across runs; older runs without them fall back to the changed layers. Returns (frame, axis title).
+    """
+    out = df.copy()
+    whole = out["model_bytes_after"].notna().all() and len(out) > 0
+    out["size (MiB)"] = (out["model_bytes_after"] if whole else out["bytes_after"]).astype(float) / 2**20
+    return out, "model size (MiB)" if whole else "size of the changed layers (MiB)"
+
+
 def reference_point(df: pd.DataFrame, model: str) -> dict | None:
     """The original model as a point for trade-off charts: its bytes, perplexity and decode time."""
     runs = df[(df["model"] == model) & ~df["baseline"] & df["bytes_before"].notna()]
     if runs.empty:
         return None
     last = runs.sort_values("id").iloc[-1]
-    return {"bytes_after": last["bytes_before"], "ppl": last["ppl_original"], "decode_ms": last["decode_ms_original"]}
+    return {"bytes_after": last["bytes_before"], "model_bytes_after": last["model_bytes_before"],
+            "ppl": last["ppl_original"], "decode_ms": last["decode_ms_original"]}

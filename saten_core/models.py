@@ -354,3 +354,11 @@ def layer_table(model: nn.Module) -> list[dict]:
                      "params": int(params), "bytes": int(nbytes),
                      "type": "dense" if isinstance(module, nn.Linear) else type(module).__name__})
     return rows
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of all of a dense model's parameters as stored (tied weights once): what a replica must hold.
+
+    Used with a run's per-layer totals to give whole-model sizes, since a plan may change only some layers.
+    """
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))

@@ -33,7 +33,7 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     """
     from saten_core.build import compress_loaded
     from saten_core.checkpoint import build_report, save_compressed
-    from saten_core.models import load_model, resolve_device
+    from saten_core.models import load_model, parameter_bytes, resolve_device
 
     plan.validate()
     check_out_dir(out_dir)
@@ -41,6 +41,7 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     _report(progress, "load", 0.0, f"loading {model_ref} on {dev}")
     start = time.perf_counter()
     loaded = load_model(model_ref, device=dev)
+    whole_before = parameter_bytes(loaded.model)
     reference = load_model(model_ref, device=dev) if evaluate else None
     info = compress_loaded(loaded, plan, progress=progress, should_stop=should_stop,
                            teacher=None if reference is None else reference.model)
@@ -57,6 +58,7 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     _report(progress, "save", 0.0, f"writing {out_dir}")
     report = build_report(loaded, layers, **extra)
     report["totals"]["wall_seconds"] = time.perf_counter() - start
+    add_model_bytes(report["totals"], whole_before)
     report = save_compressed(loaded, plan, report, out_dir)
     _report(progress, "save", 1.0, f"saved {out_dir}")
     return report
@@ -97,6 +99,13 @@ def evaluate_model(loaded: Any, *, text: str | None = None, tokens: int = EVAL_T
         return {"kind": loaded.kind, "ppl": None, "tokens": None, "sentences": len(sentences(body))}
     return {"kind": loaded.kind, "ppl": perplexity(loaded.model, loaded.tokenizer, body, tokens=tokens),
             "tokens": tokens}
+
+
+def add_model_bytes(totals: dict, whole_before: int) -> None:
+    """Whole-model bytes before/after next to the changed layers' sums, so runs over different layer subsets
+    compare on one axis (size charts, replica memory). Unchanged layers, embeddings and norms count on both sides."""
+    totals["model_bytes_before"] = int(whole_before)
+    totals["model_bytes_after"] = int(whole_before - totals["bytes_before"] + totals["bytes_after"])
 
 
 def evaluate_pair(reference: Any, candidate: Any, *, text: str | None = None, tokens: int = EVAL_TOKENS) -> dict:

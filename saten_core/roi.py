@@ -171,19 +171,28 @@ def roi_table(result: RoiResult) -> list[dict]:
     ]
 
 
-def measured_from_run(run: dict, other_bytes: int) -> Measured:
+def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
     """Measured numbers of one compressed run (a row of charts.runs_frame) and its original.
 
-    other_bytes: bytes of the model outside the block linears (embeddings, norms, head), the same on both sides.
+    Sizes are whole-model: the run's `model_bytes_before` (recorded by jobs since it existed) or, for older
+    runs, `model_bytes` (the original's parameter bytes). Everything the plan left alone (embeddings, norms,
+    head, unchanged layers) counts on both sides, since a replica holds it all.
     Raises ValueError naming what is missing, e.g. when the original was never timed on that device.
     """
+    whole = run.get("model_bytes_before")
+    whole = model_bytes if whole is None or whole != whole else int(whole)
+    if whole is None:
+        raise ValueError(f"run {run.get('id')} has no whole-model size: pass model_bytes")
     for key in ("bytes_before", "bytes_after", "decode_ms", "decode_ms_original"):
         value = run.get(key)
         if value is None or value != value:  # None or NaN
             hint = " (run the reference job that times the original model)" if key == "decode_ms_original" else ""
             raise ValueError(f"run {run.get('id')} has no measured {key}{hint}")
-    return Measured(bytes_original=int(run["bytes_before"]) + int(other_bytes),
-                    bytes_compressed=int(run["bytes_after"]) + int(other_bytes),
+    other_bytes = int(whole) - int(run["bytes_before"])
+    if other_bytes < 0:
+        raise ValueError(f"run {run.get('id')}: model bytes {whole} are fewer than its changed layers' "
+                         f"{run['bytes_before']}")
+    return Measured(bytes_original=int(whole), bytes_compressed=int(run["bytes_after"]) + other_bytes,
                     decode_s_original=float(run["decode_ms_original"]) / 1000.0,
                     decode_s_compressed=float(run["decode_ms"]) / 1000.0,
                     ppl_original=_number(run.get("ppl_original")), ppl_compressed=_number(run.get("ppl")),

@@ -107,8 +107,22 @@ def test_runs_frame_labels_baseline_and_flags_slower_runs():
     assert list(df["slower"]) == [False, True, False]
     assert df["label"].iloc[1] == "#2 saten 80% bytes" and "2:4" in df["label"].iloc[2]
     ref = charts.reference_point(df, "m")
-    assert ref == {"bytes_after": 100, "ppl": 15.0, "decode_ms": 10.0}
+    assert ref["bytes_after"] == 100 and (ref["ppl"], ref["decode_ms"]) == (15.0, 10.0)
     assert charts.reference_point(df, "other") is None
+
+
+def test_size_axis_is_whole_model_when_every_run_recorded_it():
+    """Runs over different layer subsets only compare on whole-model bytes; older runs fall back honestly."""
+    import json
+
+    whole = json.dumps({"eval": {}, "totals": {"model_bytes_before": 2**21, "model_bytes_after": 2**21 - 40}})
+    jobs = [_job(1, {"method": "saten", "target_ratio": 0.6}, bytes_after=60, result_json=whole),
+            _job(2, {"method": "svd", "target_ratio": 0.6}, bytes_after=60, result_json=whole)]
+    df, title = charts.with_size_mib(charts.runs_frame(jobs))
+    assert title == "model size (MiB)" and df["size (MiB)"].tolist() == [(2**21 - 40) / 2**20] * 2
+    assert charts.reference_point(df, "m")["model_bytes_after"] == 2**21
+    df, title = charts.with_size_mib(charts.runs_frame(jobs + [_job(3, {"method": "tt"}, bytes_after=2**20)]))
+    assert title.startswith("size of the changed layers") and df["size (MiB)"].tolist() == [60 / 2**20] * 2 + [1.0]
 
 
 def test_runs_frame_says_when_a_run_touched_only_some_layers():

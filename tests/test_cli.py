@@ -70,6 +70,14 @@ def test_models_json():
     assert all(isinstance(r["params"], int) and r["params"] > 0 and r["kind"] in ("decoder", "encoder") for r in rows)
 
 
+def serialised_bytes(path: Path) -> int:
+    """Tensor bytes actually written to a safetensors file (its header excluded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+
 def test_plan_compress_eval_decoder(tiny_llama_dir, tmp_path):
     plan, out = tmp_path / "plan.json", tmp_path / "out"
     proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-ratio", "0.7", "--out", plan, "--json")
@@ -84,6 +92,9 @@ def test_plan_compress_eval_decoder(tiny_llama_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["totals"]["bytes_after"] == dry["totals"]["predicted_bytes"]
     assert {"bytes_before", "bytes_after", "seconds"} <= set(report["totals"]) and len(report["layers"]) == 14
+    assert report["totals"]["model_bytes_after"] == serialised_bytes(out / "model.safetensors")
+    assert report["totals"]["model_bytes_before"] - report["totals"]["model_bytes_after"] == (
+        report["totals"]["bytes_before"] - report["totals"]["bytes_after"])
     proc = cli("eval", "--model", out, "--tokens", "256", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)

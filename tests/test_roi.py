@@ -110,16 +110,23 @@ def test_html_report_is_self_contained_escaped_and_flags_slow_models():
     assert "SLOWER" in page and "slower than the original" in page
 
 
-def test_measured_from_run_adds_the_untouched_bytes_and_needs_a_reference():
+def test_measured_from_run_counts_the_whole_model_and_needs_a_reference():
+    """A run that changed 100 B of a 1000 B model to 60 B leaves a 960 B model, not a 60% one."""
     from saten_core.roi import measured_from_run
 
     run = {"id": 2, "bytes_before": 100, "bytes_after": 60, "decode_ms": 12.0, "decode_ms_original": 10.0,
-           "ppl": 17.0, "ppl_original": float("nan"), "device": "cpu"}
-    m = measured_from_run(run, other_bytes=40)
-    assert (m.bytes_original, m.bytes_compressed) == (140, 100)
+           "ppl": 17.0, "ppl_original": float("nan"), "device": "cpu", "model_bytes_before": 1000}
+    m = measured_from_run(run)
+    assert (m.bytes_original, m.bytes_compressed) == (1000, 960)
     assert m.decode_s_compressed == pytest.approx(0.012) and m.ppl_original is None
+    legacy = {**run, "model_bytes_before": float("nan")}
+    assert measured_from_run(legacy, model_bytes=140).bytes_compressed == 100
+    with pytest.raises(ValueError, match="whole-model size"):
+        measured_from_run(legacy)
+    with pytest.raises(ValueError, match="fewer than"):
+        measured_from_run(legacy, model_bytes=50)
     with pytest.raises(ValueError, match="decode_ms_original"):
-        measured_from_run({**run, "decode_ms_original": None}, 0)
+        measured_from_run({**run, "decode_ms_original": None})
 
 
 def test_dollars_puts_the_minus_before_the_currency_sign():
