@@ -16,7 +16,7 @@ DEMO_LAYERS = ["model.layers.2[0-5].mlp.*"]  # gate/up/down of blocks 20-25: 18 
 DEMO_SCOPE = "the MLPs of blocks 20-25 (18 of its 210 block linears)"  # DEMO_LAYERS in words
 DEMO_TARGET = 0.7  # keep 70 % of those layers' bytes
 DEMO_EVAL_TOKENS = 256  # held-out tokens for perplexity / KL / top-1 (the full evaluation uses 2048)
-DEMO_CALIB_TOKENS = 512  # activation statistics for the calibrated method (the default is 2048)
+DEMO_CALIB_TOKENS = 512  # activation statistics for the calibrated method (a full run uses Plan().calib_tokens)
 
 
 def demo_method() -> str:
