@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from saten_core.plan import LOWRANK_SHARE
@@ -219,14 +220,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, or one line naming the bad value (exit 2, no traceback)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def add_plan_parser(sub) -> None:
@@ -247,16 +254,6 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print plan + dry run as JSON on stdout")
     add_calibration_args(p)
     p.set_defaults(func=cmd_plan)
-
-
-def non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def positive_float(s: str) -> float:
