@@ -7,7 +7,7 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.plan import Override, Plan, dry_run, dry_run_totals
-from saten_core.spec import METHODS, STRUCTURES
+from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES
 from studio_ui import (
     PLAN_KEY,
     human_bytes,
@@ -111,7 +111,9 @@ if mode == "Target budget":
     ready = spectra_if_ready(model_ref()) is not None
     s1.button("Allocate per layer for this budget", on_click=allocate, args=(dict(settings),), disabled=not ready,
               key="plan_allocate", help="needs the all-layer spectra (Spectrum page)" if not ready else
-              "fills the override table with per-layer settings that minimise the predicted error")
+              "fills the override table with per-layer settings that minimise the predicted error"
+              + (" (from the weight spectra here; `python -m saten_core plan --allocate` uses the calibration "
+                 "text's input statistics for activation-aware methods)" if method in ACTIVATION_AWARE else ""))
 else:
     if mode == "Rank and density":
         settings["rank"] = s1.slider("TT rank cap", 1, max_rank(model_ref()), min(32, max_rank(model_ref())),

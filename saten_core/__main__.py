@@ -119,21 +119,8 @@ def with_calibration_args(plan, args: argparse.Namespace):
     return plan
 
 
-def allocate(loaded, plan):
-    """Issue 3's budget allocator, when it has landed."""
-    try:
-        module = importlib.import_module("saten_core.allocate")
-    except ModuleNotFoundError as exc:
-        if exc.name == "saten_core.allocate":
-            raise ValueError("--allocate is not available yet") from None
-        raise
-    return module.allocate_plan(loaded, plan)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
-    if args.allocate and importlib.util.find_spec("saten_core.allocate") is None:
-        raise ValueError("--allocate is not available yet")
     if args.allocate and plan.target_ratio is None:
         raise ValueError("--allocate needs --target-ratio")
     from saten_core.files import atomic_write_text
@@ -141,8 +128,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from saten_core.plan import dry_run, dry_run_totals
 
     loaded = load_model(args.model, device="cpu")
-    if args.allocate:
-        plan = allocate(loaded, plan)
+    if args.allocate:  # activation-aware methods read the calibration text here (progress on stderr)
+        from saten_core.allocate import allocate_plan
+
+        plan = allocate_plan(loaded, plan, progress=tenths(stderr_progress))
     rows = dry_run(loaded.model, plan)  # validates every layer against the plan before anything is written
     tot = dry_run_totals(rows)
     atomic_write_text(args.out, plan.to_json())
@@ -176,6 +165,18 @@ def read_plan(path: str):
 
 def stderr_progress(stage: str, fraction: float, message: str) -> None:
     print(f"[{stage} {fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def tenths(progress: Callable[[str, float, str], None]) -> Callable[[str, float, str], None]:
+    """Pass on a stage's first report and then one per 10% of it: hundreds of per-layer lines help nobody."""
+    last: dict[str, int] = {}
+
+    def report(stage: str, fraction: float, message: str) -> None:
+        step = int(fraction * 10)
+        if last.get(stage, -1) < step:
+            last[stage] = step
+            progress(stage, fraction, message)
+    return report
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

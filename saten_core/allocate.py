@@ -23,7 +23,7 @@ import torch
 
 from saten_core.plan import Override, Plan, matching_override, selected
 from saten_core.preview import sparse_energy_share, tail_share, torch_dtype, tt_error_sq
-from saten_core.spec import LayerSpec, storage_method
+from saten_core.spec import LayerSpec, needs_stats, storage_method
 
 Progress = Callable[[str, float, str], None]
 SATEN_DENSITIES = (0.0, *np.geomspace(1e-3, 1.0, 40).round(6).tolist())
@@ -78,7 +78,7 @@ def layer_candidates(layer: dict, plan: Plan) -> dict:
     """All settings tried for one layer: bytes, predicted e^2 and (rank, density) per candidate, plus dense."""
     n_in, n_out = layer["in_features"], layer["out_features"]
     dtype = torch_dtype(layer["dtype"])
-    kind = storage_method(plan.method)  # activation-aware methods: their data-free twin's spectra as a proxy
+    kind = storage_method(plan.method)  # same bytes as the data-free twin; errors come from the spectra given
     ranks, densities, table = _grid(n_in, n_out, kind, plan.structure, plan.order, dtype)
     low = _lowrank_err_sq(layer, kind, ranks, plan.order)
     if kind in ("saten", "prune"):
@@ -159,10 +159,49 @@ def _override(name: str, setting: tuple | None, plan: Plan) -> Override:
     return Override(pattern=name, rank=rank, density=float(density))
 
 
+def activation_spectra(loaded: Any, plan: Plan, *, stats: dict | None = None,
+                       progress: Progress | None = None) -> dict:
+    """Spectra of the whitened weights W L (L L^T = a layer's input second moment), for activation-aware plans.
+
+    Why: saten-aw / svd-w / wanda minimise the output error ||X E^T||_F = sqrt(T) ||E L||_F, so the error a rank
+    or density leaves is read off the spectra of W L, not of W; allocating on W's own spectra would spend bytes
+    where the weight energy is rather than where the outputs change. The entry profile (for the residual /
+    pruning mask, scored by |w| x input-column norm) comes from W diag(norms). Same record layout as
+    spectrum.model_spectra, so the rest of the allocator is unchanged. Not cached: it depends on the text.
+    stats: calibration statistics by layer name (build.collect_stats); collected from plan.calib when None.
+    """
+    from types import SimpleNamespace
+
+    from saten_core.build import collect_stats
+    from saten_core.calibrate import whitening_factor
+    from saten_core.models import linear_layers
+    from saten_core.spectrum import compute_spectra, entry_energy_profile
+
+    if not needs_stats(plan.method):
+        raise ValueError(f"method {plan.method!r} uses no calibration statistics; use spectrum.model_spectra")
+    stats = collect_stats(loaded, plan, progress=progress) if stats is None else stats
+    layers, scored = [], {}
+    for name, lin in linear_layers(loaded.model):
+        if name not in stats:  # a layer the plan leaves alone keeps its own spectrum
+            layers.append((name, lin))
+            continue
+        w = lin.weight.detach()
+        low = whitening_factor(stats[name]).to(w.device)
+        layers.append((name, SimpleNamespace(weight=(w.double() @ low).to(w.dtype), bias=lin.bias)))
+        scored[name] = w * stats[name].column_norms.to(w)
+    data = compute_spectra(layers, progress=progress)
+    for entry in data["layers"]:
+        if entry["name"] in scored:
+            entry.update(entry_energy_profile(scored[entry["name"]]))
+    return {**data, "activation_aware": True}
+
+
 def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
-                  spectra: dict | None = None) -> Plan:
+                  spectra: dict | None = None, stats: dict | None = None) -> Plan:
     """A Plan with one override per layer (exact names) meeting plan.target_ratio of block-linear bytes.
 
+    Activation-aware methods allocate on the whitened spectra (activation_spectra, from `stats` or the plan's
+    calibration text) unless `spectra` is passed (then those are used as given, e.g. the cached weight spectra).
     Layers the plan does not select, or skips by an override, stay dense and count against the budget; the
     plan's other overrides are replaced. The result has no target_ratio: its overrides fix every layer, so a
     user can edit any of them and compress/dry-run as usual.
@@ -178,6 +217,8 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
     if storage_method(plan.method) in ("saten", "tt") and plan.order != 2:
         raise ValueError(f"allocation uses order-2 unfolding spectra; plan order {plan.order} is not supported")
     model = getattr(loaded, "model", loaded)
+    if spectra is None and needs_stats(plan.method):
+        spectra = activation_spectra(loaded, plan, stats=stats, progress=progress)
     spectra = spectra if spectra is not None else model_spectra(model, progress=progress)
     free, fixed_bytes, total = [], 0.0, 0.0
     for layer in spectra["layers"]:

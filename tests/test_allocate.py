@@ -98,3 +98,73 @@ def test_cli_plan_allocate(tiny_llama_dir, tmp_path):
     assert plan.target_ratio is None and plan.overrides
     dense, after, _ = _weight_bytes(load_model(str(tiny_llama_dir)).model, plan)
     assert after <= int(0.7 * dense)
+
+
+def _narrow_input_stats(model, narrow: str, k: int = 2) -> dict:
+    """Synthetic calibration statistics: layer `narrow` sees inputs spanning only k directions, others white."""
+    import torch
+
+    from saten_core.calibrate import InputStats
+    from saten_core.models import linear_layers
+
+    gen = torch.Generator().manual_seed(1)
+    stats = {}
+    for name, lin in linear_layers(model):
+        n = lin.in_features
+        x = torch.randn(512, k if name == narrow else n, generator=gen, dtype=torch.float64)
+        if name == narrow:
+            x = x @ torch.randn(k, n, generator=gen, dtype=torch.float64)
+        stats[name] = InputStats(x.T @ x, 512)
+    return stats
+
+
+NARROW = "model.layers.0.mlp.down_proj"
+
+
+def test_activation_spectra_are_the_whitened_weights_spectra(tiny):
+    import torch
+
+    from saten_core.allocate import activation_spectra
+    from saten_core.calibrate import whitening_factor
+
+    loaded, plain = tiny
+    stats = _narrow_input_stats(loaded.model, NARROW)
+    del stats["model.layers.1.self_attn.q_proj"]  # a layer without statistics keeps its own spectrum
+    spectra = activation_spectra(loaded, Plan(method="saten-aw", target_ratio=0.5), stats=stats)
+    got = {layer["name"]: layer for layer in spectra["layers"]}
+    w = loaded.model.get_submodule(NARROW).weight.detach()
+    want = torch.linalg.svdvals((w.double() @ whitening_factor(stats[NARROW])).float())
+    assert np.allclose(got[NARROW]["singular_values"], want.numpy(), rtol=1e-4, atol=1e-6)
+    assert got[NARROW]["rank_at_energy"]["0.95"] <= 2  # k = 2 input directions carry the output
+    q = next(layer for layer in plain["layers"] if layer["name"] == "model.layers.1.self_attn.q_proj")
+    assert got[q["name"]]["singular_values"] == q["singular_values"]
+    with pytest.raises(ValueError, match="'saten'"):
+        activation_spectra(loaded, Plan(method="saten", target_ratio=0.5), stats=stats)
+
+
+@pytest.mark.parametrize("method", ["saten-aw", "svd-w", "wanda"])
+def test_activation_aware_allocation_spends_less_on_a_layer_with_narrow_inputs(tiny, method):
+    """Output error, not weight error: a layer whose inputs span 2 directions needs few bytes to keep its outputs."""
+    loaded, plain = tiny
+    plan = Plan(method=method, target_ratio=0.5)
+    stats = _narrow_input_stats(loaded.model, NARROW)
+    aware = allocate_plan(loaded, plan, stats=stats)
+    proxy = allocate_plan(loaded, plan, spectra=plain)  # weight spectra as given (the page's cached spectra)
+    dense, after, rows = _weight_bytes(loaded.model, aware)
+    assert after <= int(0.5 * dense)
+    narrow_bytes = lambda p: next(r["predicted_bytes"] for r in dry_run(loaded.model, p) if r["name"] == NARROW)
+    assert narrow_bytes(aware) < narrow_bytes(proxy)
+
+
+def test_cli_plan_allocate_activation_aware_reads_the_calibration_text(tiny_llama_dir, tmp_path, capsys):
+    from saten_core.__main__ import main
+    from saten_core.models import load_model
+
+    out = tmp_path / "aw.json"
+    assert main(["plan", "--model", str(tiny_llama_dir), "--method", "saten-aw", "--target-ratio", "0.6",
+                 "--calib-tokens", "512", "--allocate", "--out", str(out)]) == 0
+    assert "[calibrate" in capsys.readouterr().err
+    plan = Plan.from_json(out.read_text())
+    assert plan.method == "saten-aw" and plan.calib_tokens == 512 and plan.target_ratio is None
+    dense, after, _ = _weight_bytes(load_model(str(tiny_llama_dir)).model, plan)
+    assert after <= int(0.6 * dense)
