@@ -63,6 +63,7 @@ def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dic
         healed = heal_loaded(loaded, base.model, plan, calibration_text(plan))
         row["heal_s"] = time.perf_counter() - start
         row["heal_best_step"] = healed.get("best_step")
+        row["heal_eval_curve"] = healed.get("eval_curve")  # (step, held-out KL): why a best step is 0
         row["after_heal"] = measure(base.model, loaded.model, base.tokenizer, args.text, args.tokens)
     return row
 
