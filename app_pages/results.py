@@ -18,7 +18,8 @@ if runs.empty:
     st.info("No finished run yet: submit one on the Run page (or start the demo on Home).")
     st.stop()
 
-model = st.selectbox("Model", sorted(runs["model"].unique()), key="results_model")
+models = sorted(runs["model"].unique())
+model = st.selectbox("Model", models, index=models.index(charts.newest_model(runs)), key="results_model")
 mine, size_title = charts.with_size_mib(runs[runs["model"] == model])
 mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
 st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")

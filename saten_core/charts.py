@@ -222,6 +222,11 @@ def _mark_slower(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def newest_model(df: pd.DataFrame) -> str:
+    """The model of the latest finished run: what the Results page opens on (the run a user just made)."""
+    return str(df.sort_values("id")["model"].iloc[-1])
+
+
 def with_size_mib(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Add `size (MiB)`: whole-model bytes when every run recorded them, else the changed layers' bytes.
 

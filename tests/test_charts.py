@@ -128,3 +128,9 @@ def test_size_axis_is_whole_model_when_every_run_recorded_it():
 def test_runs_frame_says_when_a_run_touched_only_some_layers():
     job = _job(4, {"method": "saten-aw", "target_ratio": 0.7, "include": ["model.layers.2[0-5].mlp.*"]})
     assert charts.runs_frame([job])["label"].iloc[0] == "#4 saten-aw 70% bytes (only model.layers.2[0-5].mlp.*)"
+
+
+def test_newest_model_is_the_latest_runs_model():
+    jobs = [_job(1, {"method": "saten"}), {**_job(3, {"method": "svd"}), "model_ref": "b-model"},
+            {**_job(2, {"method": "tt"}), "model_ref": "z-model"}]
+    assert charts.newest_model(charts.runs_frame(jobs)) == "b-model"
