@@ -112,8 +112,8 @@ if mode == "Target budget":
     s1.button("Allocate per layer for this budget", on_click=allocate, args=(dict(settings),), disabled=not ready,
               key="plan_allocate", help="needs the all-layer spectra (Spectrum page)" if not ready else
               "fills the override table with per-layer settings that minimise the predicted error"
-              + (" (from the weight spectra here; `python -m saten_core plan --allocate` uses the calibration "
-                 "text's input statistics for activation-aware methods)" if method in ACTIVATION_AWARE else ""))
+              + (" (predicted from the weights' spectra: allocating on whitened spectra measured worse for "
+                 "saten-aw, docs/benchmarks/spectrum.md)" if method in ACTIVATION_AWARE else ""))
 else:
     if mode == "Rank and density":
         settings["rank"] = s1.slider("TT rank cap", 1, max_rank(model_ref()), min(32, max_rank(model_ref())),

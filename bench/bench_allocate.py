@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/bench_allocate.py [--ratios 0.8 0.6] [--method saten|saten-aw|...] [--tokens 2048]
          [--out FILE]
-Activation-aware methods calibrate once (the plan's default text and tokens) and allocate on the whitened spectra.
+Activation-aware methods calibrate once (the plan's default text and tokens) for compressing; they allocate on the
+weights' spectra like allocate_plan's default, or on the whitened ones with --spectra whitened.
 Prints one markdown table (and writes the raw rows as JSON) for docs/benchmarks/spectrum.md. Same code path
 as `python -m saten_core plan --target-ratio R [--allocate]`, `compress`, `eval`, run in one process so the
 model is loaded once.
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--out", default="bench_allocate.json")
+    ap.add_argument("--spectra", choices=["whitened", "weights"], default="weights",
+                    help="activation-aware methods: allocate on the whitened spectra or on the weights' own")
+    ap.add_argument("--skip-uniform", action="store_true", help="only the allocated plans (uniform rows known)")
     args = ap.parse_args()
     from saten_core.allocate import activation_spectra, allocate_plan
     from saten_core.build import collect_stats
@@ -70,7 +74,8 @@ def main() -> None:
     stats = None
     if needs_stats(args.method):  # one calibration shared by every plan, like a real run of each would make
         stats = collect_stats(loaded, Plan(method=args.method, target_ratio=0.5))
-        spectra = activation_spectra(loaded, Plan(method=args.method, target_ratio=0.5), stats=stats)
+        spectra = (activation_spectra(loaded, Plan(method=args.method, target_ratio=0.5), stats=stats)
+                   if args.spectra == "whitened" else model_spectra(loaded.model))
     else:
         spectra = model_spectra(loaded.model)
     held_out = split_text(default_text())[1]
@@ -82,7 +87,7 @@ def main() -> None:
         t0 = time.perf_counter()
         allocated = allocate_plan(loaded, uniform, spectra=spectra)  # whitened spectra for aw methods
         alloc_s = time.perf_counter() - t0
-        for label, plan in (("uniform", uniform), ("allocated", allocated)):
+        for label, plan in (("uniform", uniform), ("allocated", allocated))[1 if args.skip_uniform else 0:]:
             row = {"plan": label, "target": ratio, "method": args.method,
                    **run_one(loaded, plan, spectra, held_out, args.tokens, stats)}
             if label == "allocated":

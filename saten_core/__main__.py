@@ -128,7 +128,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from saten_core.plan import dry_run, dry_run_totals
 
     loaded = load_model(args.model, device="cpu")
-    if args.allocate:  # activation-aware methods read the calibration text here (progress on stderr)
+    if args.allocate:  # on the weights' spectra for every method (whitened ones measured worse for saten-aw)
         from saten_core.allocate import allocate_plan
 
         plan = allocate_plan(loaded, plan, progress=tenths(stderr_progress))
