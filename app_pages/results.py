@@ -20,7 +20,7 @@ if runs.empty:
 
 models = sorted(runs["model"].unique())
 model = st.selectbox("Model", models, index=models.index(charts.newest_model(runs)), key="results_model")
-mine, size_title = charts.with_size_mib(runs[runs["model"] == model])
+mine, size_column, size_title = charts.with_size_mib(runs[runs["model"] == model])
 mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
 st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")
 if mine["slower"].any():
@@ -29,8 +29,7 @@ if mine["slower"].any():
 compressed = mine[~mine["baseline"]]
 ref = charts.reference_point(runs, model)
 if ref is not None:
-    ref_bytes = ref["model_bytes_after"] if size_title.startswith("model") else ref["bytes_after"]
-    ref = {**ref, "size (MiB)": ref_bytes / 2**20}
+    ref = {**ref, "size (MiB)": ref[size_column] / 2**20}
 a, b = st.columns(2)
 a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity"),
                key="tradeoff_size")

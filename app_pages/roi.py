@@ -7,7 +7,7 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.report import ReportInput, dollars, headline, to_html, to_markdown
-from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, measured_from_run, roi_table
+from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, is_missing, measured_from_run, roi_table
 from studio_ui import library, loaded_model, show_error
 
 st.title("ROI")
@@ -50,8 +50,7 @@ inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, req
                    tokens_per_request=tokens, current_replicas=int(replicas), overhead_gib=overhead,
                    engineering_days=days, day_rate=rate)
 try:
-    recorded = run.get("model_bytes_before")
-    legacy = model_bytes(run["model"]) if recorded is None or recorded != recorded else None
+    legacy = model_bytes(run["model"]) if is_missing(run.get("model_bytes_before")) else None
     result = compute_roi(inputs, measured_from_run(run, legacy))
 except (ValueError, OSError) as exc:
     show_error(exc)

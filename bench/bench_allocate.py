@@ -43,11 +43,11 @@ def run_one(loaded, plan, spectra, text: str, tokens: int, stats: dict | None = 
     tot = totals(reports)
     ppl = perplexity(model, loaded.tokenizer, text, tokens=tokens)
     rms = math.sqrt(np.mean([r["rel_error"] ** 2 for r in reports]))
+    # activation-aware on whitened spectra: the preview predicts *output* error, the reports hold weight error,
+    # so the per-layer gap compares different things; bytes still compare exactly
     return {"bytes_after": tot["bytes_after"], "bytes_before": tot["bytes_before"], "ratio": tot["ratio"],
             "ppl": ppl, "rel_error_rms": rms, "predicted_rel_error_rms": pv["totals"]["rel_error_rms"],
             "compress_s": seconds, **compare(pv["layers"], reports)}
-    # activation-aware: the preview predicts *output* error from the whitened spectra, the reports hold weight
-    # error, so the per-layer gap compares different things; bytes still compare exactly
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
     for ratio in args.ratios:
         uniform = Plan(method=args.method, target_ratio=ratio)
         t0 = time.perf_counter()
-        allocated = allocate_plan(loaded, uniform, spectra=spectra)  # whitened spectra for aw methods
+        allocated = allocate_plan(loaded, uniform, spectra=spectra)
         alloc_s = time.perf_counter() - t0
         for label, plan in (("uniform", uniform), ("allocated", allocated))[1 if args.skip_uniform else 0:]:
             row = {"plan": label, "target": ratio, "method": args.method,

@@ -195,7 +195,7 @@ def activation_spectra(loaded: Any, plan: Plan, *, stats: dict | None = None,
     for entry in data["layers"]:
         if entry["name"] in scored:
             entry.update(entry_energy_profile(scored[entry["name"]]))
-    return {**data, "activation_aware": True}
+    return data
 
 
 def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,

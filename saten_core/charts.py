@@ -227,16 +227,17 @@ def newest_model(df: pd.DataFrame) -> str:
     return str(df.sort_values("id")["model"].iloc[-1])
 
 
-def with_size_mib(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def with_size_mib(df: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
     """Add `size (MiB)`: whole-model bytes when every run recorded them, else the changed layers' bytes.
 
     Runs may change different layer subsets (the demo touches 18 of 210), so only whole-model sizes compare
-    across runs; older runs without them fall back to the changed layers. Returns (frame, axis title).
+    across runs; older runs without them fall back to the changed layers. Returns (frame, the bytes column
+    used, axis title); reference_point's dict has the same column names.
     """
     out = df.copy()
-    whole = out["model_bytes_after"].notna().all() and len(out) > 0
-    out["size (MiB)"] = (out["model_bytes_after"] if whole else out["bytes_after"]).astype(float) / 2**20
-    return out, "model size (MiB)" if whole else "size of the changed layers (MiB)"
+    column = "model_bytes_after" if len(out) > 0 and out["model_bytes_after"].notna().all() else "bytes_after"
+    out["size (MiB)"] = out[column].astype(float) / 2**20
+    return out, column, "model size (MiB)" if column == "model_bytes_after" else "size of the changed layers (MiB)"
 
 
 def reference_point(df: pd.DataFrame, model: str) -> dict | None:

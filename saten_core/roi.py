@@ -179,13 +179,11 @@ def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
     head, unchanged layers) counts on both sides, since a replica holds it all.
     Raises ValueError naming what is missing, e.g. when the original was never timed on that device.
     """
-    whole = run.get("model_bytes_before")
-    whole = model_bytes if whole is None or whole != whole else int(whole)
+    whole = model_bytes if is_missing(run.get("model_bytes_before")) else int(run["model_bytes_before"])
     if whole is None:
         raise ValueError(f"run {run.get('id')} has no whole-model size: pass model_bytes")
     for key in ("bytes_before", "bytes_after", "decode_ms", "decode_ms_original"):
-        value = run.get(key)
-        if value is None or value != value:  # None or NaN
+        if is_missing(run.get(key)):
             hint = " (run the reference job that times the original model)" if key == "decode_ms_original" else ""
             raise ValueError(f"run {run.get('id')} has no measured {key}{hint}")
     other_bytes = int(whole) - int(run["bytes_before"])
@@ -200,4 +198,9 @@ def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
 
 
 def _number(value: object) -> float | None:
-    return None if value is None or value != value else float(value)
+    return None if is_missing(value) else float(value)
+
+
+def is_missing(value: object) -> bool:
+    """None or NaN: how a run row (a pandas frame row) says a number was never measured."""
+    return value is None or value != value

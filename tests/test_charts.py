@@ -118,10 +118,10 @@ def test_size_axis_is_whole_model_when_every_run_recorded_it():
     whole = json.dumps({"eval": {}, "totals": {"model_bytes_before": 2**21, "model_bytes_after": 2**21 - 40}})
     jobs = [_job(1, {"method": "saten", "target_ratio": 0.6}, bytes_after=60, result_json=whole),
             _job(2, {"method": "svd", "target_ratio": 0.6}, bytes_after=60, result_json=whole)]
-    df, title = charts.with_size_mib(charts.runs_frame(jobs))
+    df, _, title = charts.with_size_mib(charts.runs_frame(jobs))
     assert title == "model size (MiB)" and df["size (MiB)"].tolist() == [(2**21 - 40) / 2**20] * 2
     assert charts.reference_point(df, "m")["model_bytes_after"] == 2**21
-    df, title = charts.with_size_mib(charts.runs_frame(jobs + [_job(3, {"method": "tt"}, bytes_after=2**20)]))
+    df, _, title = charts.with_size_mib(charts.runs_frame(jobs + [_job(3, {"method": "tt"}, bytes_after=2**20)]))
     assert title.startswith("size of the changed layers") and df["size (MiB)"].tolist() == [60 / 2**20] * 2 + [1.0]
 
 
