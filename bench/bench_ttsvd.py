@@ -3,6 +3,8 @@
 Run: PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --rank 128 --repeats 3 --threads 1
      PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --synthetic 2048x8192 --count 4 --rank 128 --repeats 3
      (--synthetic: larger layers than SmolLM2's, where the cost of tensorly's full SVDs grows fastest)
+     PYTHONPATH=. .venv/bin/python bench/bench_ttsvd.py --plan-ratio 0.8 --repeats 5 --threads 1
+     (--plan-ratio: each layer's rank cap is the one the data-free Saten plan `--target-ratio R` gives it)
 Prints one Markdown table (median total seconds over all layers, ratios measured side by side in each repeat).
 """
 
@@ -49,6 +51,17 @@ def synthetic_weights(shape: str, count: int, seed: int = 0) -> list[torch.Tenso
     return mats
 
 
+def plan_ranks(model: str, ratio: float) -> list[int]:
+    """Per-layer TT rank cap of the default data-free Saten plan keeping `ratio` of the block-linear bytes."""
+    from saten_core.models import linear_layers, load_model
+    from saten_core.plan import Plan, layer_spec
+
+    plan = Plan(method="saten", target_ratio=ratio)
+    layers = linear_layers(load_model(model).model)
+    specs = [layer_spec(plan, name, lin.in_features, lin.out_features, lin.weight.dtype) for name, lin in layers]
+    return [spec.rank for spec in specs]
+
+
 def ours(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
     return tt.tt_svd(t, max_rank=rank)
 
@@ -73,10 +86,10 @@ def thin_svd(wt: torch.Tensor, rank: int) -> list[torch.Tensor]:
     return [u, s, vh]
 
 
-def timed(fn: Callable, tensors: list[torch.Tensor], rank: int) -> tuple[float, list]:
+def timed(fn: Callable, tensors: list[torch.Tensor], ranks: list[int]) -> tuple[float, list]:
     """Total seconds over all layers, and the outputs (kept for the quality check)."""
     start = time.perf_counter()
-    outs = [fn(t, rank) for t in tensors]
+    outs = [fn(t, rank) for t, rank in zip(tensors, ranks, strict=True)]
     return time.perf_counter() - start, outs
 
 
@@ -95,11 +108,16 @@ def main() -> None:
     ap.add_argument("--order", type=int, default=2)
     ap.add_argument("--synthetic", default=None, help="OUTxIN: time random layers of this shape instead of a model")
     ap.add_argument("--count", type=int, default=4, help="number of synthetic layers")
+    ap.add_argument("--plan-ratio", type=float, default=None,
+                    help="per-layer rank caps of the data-free Saten plan at this target ratio (instead of --rank)")
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP/LAPACK stalls on a loaded machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mats = synthetic_weights(args.synthetic, args.count) if args.synthetic else load_weights(args.model)
     source = f"synthetic {args.synthetic} layers" if args.synthetic else f"layers of {args.model}"
+    ranks = plan_ranks(args.model, args.plan_ratio) if args.plan_ratio else [args.rank] * len(mats)
+    rank_text = (f"rank caps of the saten plan at --target-ratio {args.plan_ratio} ({min(ranks)}-{max(ranks)})"
+                 if args.plan_ratio else f"rank cap {args.rank}")
     tensors = [tensorize(w, *tensorized_shape(*w.shape, args.order)) for w in mats]
     methods = {"ours (auto: randomized when rank << unfolding)": (ours, tensors),
                "ours, exact Gram/QR SVDs only": (ours_exact, tensors),
@@ -109,13 +127,13 @@ def main() -> None:
     outputs: dict[str, list] = {}
     for i in range(args.repeats):  # interleaved, so the ratios compare runs made side by side
         for name, (fn, data) in methods.items():
-            seconds, outputs[name] = timed(fn, data, args.rank)
+            seconds, outputs[name] = timed(fn, data, ranks)
             runs[name].append(seconds)
             print(f"repeat {i + 1}: {name}: {runs[name][-1]:.2f} s", file=sys.stderr, flush=True)
     base = runs["ours (auto: randomized when rank << unfolding)"]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(mats)} {source}, "
-          f"rank cap {args.rank}, order {args.order}, {args.repeats} repeats")
+          f"{rank_text}, order {args.order}, {args.repeats} repeats")
     print("| method | median total s | median ratio to ours | mean rel. error |")
     print("|---|---:|---:|---:|")
     for name, (fn, data) in methods.items():
