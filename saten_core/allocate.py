@@ -1,8 +1,12 @@
 """Budget-driven allocation: per-layer rank/density that minimise total predicted error under a byte target.
 
-Objective: the sum over layers of the predicted squared relative error e_l^2 (preview.py's model), every layer
-weighted equally (each block linear's output error matters relative to its own signal, and norms differ a lot
-between q/k/v/o/MLP layers). Constraint: sum of exact stored weight bytes <= target_ratio * dense block-linear
+Objective: the sum over layers of parameters x predicted squared relative error, n_l e_l^2 (preview.py's error
+model; every weight counts once, so an MLP matrix 2.7x the size of q_proj weighs 2.7x). Measured on smollm2-135m
+(docs/benchmarks/spectrum.md, held-out ppl): the first objective, every layer weighted equally, gave attention
+bytes the MLP needed; for saten-aw it lost to the uniform plan at 60% (16.84 vs 15.79) while this one beats it at
+both budgets (14.38 at 60%, 9.95 at 80% vs 10.34); for data-free saten it is better at 60% (45.4 vs 71.1) and
+within 2% at 80% (11.21 vs 11.02), both far below uniform (326, 13.89).
+Constraint: sum of exact stored weight bytes <= target_ratio * dense block-linear
 weight bytes (biases are identical on both sides and left out, as plan.py does).
 Method: per layer, a table of candidate settings (exact bytes from layer.predict_bytes, predicted error), its
 lower convex hull, then greedy marginal gain per byte from every layer's cheapest point (the Lagrangian
@@ -150,6 +154,16 @@ def _fill(cands: list[dict], chosen: list[int], left: float) -> list[int]:
     return chosen
 
 
+def layer_weight(layer: dict) -> float:
+    """A layer's weight in the objective: its parameter count (see the module docstring for the measurement)."""
+    return float(layer["in_features"] * layer["out_features"])
+
+
+def weighted(cands: dict, weight: float) -> dict:
+    """The same candidates with their predicted errors scaled into the objective's units."""
+    return dict(cands, err=cands["err"] * weight)
+
+
 def _override(name: str, setting: tuple | None, plan: Plan) -> Override:
     if setting is None:
         return Override(pattern=name, skip=True)
@@ -168,8 +182,10 @@ def activation_spectra(loaded: Any, plan: Plan, *, stats: dict | None = None,
     residual / pruning mask, scored by |w| x input-column norm) comes from W diag(norms). Same record layout as
     spectrum.model_spectra. Not cached: it depends on the text. Opt-in only
     (allocate_plan(..., spectra=activation_spectra(...))): on smollm2-135m it measured worse than the uniform
-    plan for saten-aw (see allocate_plan), most likely because this error model leaves out the input-side
-    re-split loss at rank caps below the first input mode and the effect of correlated inputs on the mask.
+    plan for saten-aw (see allocate_plan): compressing the uniform plan, the real output error of q/k/o/gate
+    layers (inputs with strongly correlated channels) was 1.3-1.5x what this model predicts, and 1.7-2.4x on the
+    budgets it then gave them, so it starves exactly those layers. The correlated-input effect on the mask (scored
+    by column norms, not the full second moment) is the likeliest cause.
     stats: calibration statistics by layer name (build.collect_stats); collected from plan.calib when None.
     """
     from types import SimpleNamespace
@@ -204,9 +220,9 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
 
     Every method allocates on the weights' own spectra (cached model_spectra) unless `spectra` is passed.
     For activation-aware methods, passing activation_spectra(...) allocates on the whitened spectra instead;
-    that is not the default because it measured worse than the uniform plan on smollm2-135m (held-out ppl 13.62
-    vs 10.34 at 80% bytes, 34.98 vs 15.79 at 60%), while the weight spectra gave 9.97 and 16.84
-    (docs/benchmarks/spectrum.md).
+    that is not the default because it measured worse than the uniform plan on smollm2-135m (held-out ppl 13.99
+    vs 10.34 at 80% bytes, 30.30 vs 15.79 at 60%, objective as below), while the weight spectra gave 9.95 and
+    14.38 (docs/benchmarks/spectrum.md). Activation statistics still shape every layer's own compression.
     Layers the plan does not select, or skips by an override, stay dense and count against the budget; the
     plan's other overrides are replaced. The result has no target_ratio: its overrides fix every layer, so a
     user can edit any of them and compress/dry-run as usual.
@@ -235,7 +251,7 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
     budget = math.floor(plan.target_ratio * total) - fixed_bytes
     cands = []
     for i, layer in enumerate(free):
-        cands.append(layer_candidates(layer, plan))
+        cands.append(weighted(layer_candidates(layer, plan), layer_weight(layer)))
         if progress:
             progress("allocate", (i + 1) / max(len(free), 1), layer["name"])
     chosen = greedy(cands, budget)

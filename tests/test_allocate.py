@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saten_core.allocate import allocate_plan, greedy, lower_hull
+from saten_core.allocate import allocate_plan, greedy, layer_weight, lower_hull, weighted
 from saten_core.plan import Override, Plan, dry_run, dry_run_totals
 from saten_core.preview import preview
 
@@ -52,9 +52,20 @@ def test_allocation_beats_uniform_on_predicted_error(tiny):
     dense, uniform_bytes, _ = _weight_bytes(loaded.model, uniform)
     allocated = allocate_plan(loaded, uniform, spectra=spectra)
     _, alloc_bytes, _ = _weight_bytes(loaded.model, allocated)
-    err = lambda p: sum(r["predicted_rel_error"] ** 2 for r in preview(p, spectra)["layers"])
+    sizes = {layer["name"]: layer_weight(layer) for layer in spectra["layers"]}
+    err = lambda p: sum(sizes[r["name"]] * r["predicted_rel_error"] ** 2 for r in preview(p, spectra)["layers"])
     assert alloc_bytes <= int(0.6 * dense)
     assert err(allocated) <= err(uniform)
+
+
+def test_objective_counts_every_weight_once():
+    """A layer twice the size weighs twice: with equal error curves the bigger layer gets the contested step."""
+    layers = [{"in_features": 4, "out_features": 4}, {"in_features": 4, "out_features": 8}]
+    assert [layer_weight(x) for x in layers] == [16.0, 32.0]
+    curve = {"bytes": np.array([1.0, 3.0]), "err": np.array([1.0, 0.5]), "settings": [(1, 0.0), (2, 0.0)]}
+    cands = [weighted(curve, layer_weight(x)) for x in layers]
+    assert greedy(cands, budget=4.0) == [0, 1]  # one upgrade fits: it goes to the 32-weight layer
+    assert greedy([curve, curve], budget=4.0) == [1, 0]  # equal weights: a tie, the first layer wins
 
 
 def test_skip_override_and_excluded_layers_stay_dense(tiny):
