@@ -46,8 +46,13 @@ def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dic
                 heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every)
     if args.lowrank_share is not None:
         plan = replace(plan, lowrank_share=args.lowrank_share)
-    row = {"method": method, "structure": structure, "ratio": ratio, "plan": json.loads(plan.to_json())}
     loaded = copy.copy(base)
+    if args.allocate:  # per-layer budgets from allocate_plan (weights' spectra, size-weighted objective)
+        from saten_core.allocate import allocate_plan
+
+        plan = allocate_plan(base, plan)
+    row = {"method": method, "structure": structure, "ratio": ratio, "allocated": args.allocate,
+           "plan": json.loads(plan.to_json())}
     loaded.model = copy.deepcopy(base.model)
     start = time.perf_counter()
     try:
@@ -82,7 +87,8 @@ def table(rows: list[dict], base_ppl: float) -> str:
             continue
         healed = r.get("after_heal")
         rel = f"{healed['ppl'] / base_ppl:.2f}x" if healed else "—"
-        lines.append(f"| {r['ratio']} | {r['method']} | {r['structure']} | {r['bytes_kept']:.3f} | "
+        method = r["method"] + (" (allocated)" if r.get("allocated") else "")
+        lines.append(f"| {r['ratio']} | {method} | {r['structure']} | {r['bytes_kept']:.3f} | "
                      f"{fmt(r['before_heal'])} | {fmt(healed)} | {rel} |")
     return "\n".join(lines)
 
@@ -101,6 +107,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--heal-eval-every", type=int, default=10)
     ap.add_argument("--lowrank-share", type=float, default=None, help="default: the plan's default")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--allocate", action="store_true", help="allocated per-layer plans instead of uniform ones")
     ap.add_argument("--out", default="bench_methods.jsonl")
     return ap.parse_args()
 
@@ -118,7 +125,8 @@ def main() -> None:
     stats = collect_stats(base, Plan(method="saten-aw", target_ratio=0.8), None)
     for ratio in args.ratios:
         for method, structure in rows:
-            if any(d["method"] == method and d["structure"] == structure and d["ratio"] == ratio for d in done):
+            if any(d["method"] == method and d["structure"] == structure and d["ratio"] == ratio
+                   and d.get("allocated", False) == args.allocate for d in done):
                 continue
             row = run_row(base, stats, method, structure, ratio, args)
             done.append(row)
