@@ -3,6 +3,7 @@
 Run: PYTHONPATH=. .venv/bin/python bench/bench_allocate_variants.py --method saten-aw --ratios 0.6 0.8 \
          --variants U Winf Wsinf Ainf Asinf As0.5 --out docs/benchmarks/allocate_variants_aw.jsonl
 Variant names: U = the uniform plan; then W (the weights' spectra) or A (whitened spectra, activation_spectra),
+or C (whitened spectra, each layer's predicted error scaled by (measured / predicted)^2 at the uniform plan),
 an optional "s" (objective weighted by layer size, today's allocate_plan) and a trust window tau ("inf" = none;
 0.5 = every layer's bytes within +-50% of its uniform bytes). Per variant: KL to the original on 1024 tokens of
 the calibration text's held-out half, held-out perplexity on 1024 and 4096 tokens, and per layer the stored
@@ -30,8 +31,12 @@ from saten_core.preview import preview, torch_dtype
 from saten_core.spectrum import model_spectra
 
 
-def windowed_plan(plan: Plan, spectra: dict, tau: float | None, size_weight: bool = False) -> Plan:
-    """allocate_plan's greedy on these spectra, optionally size-weighted and kept within a window around uniform."""
+def windowed_plan(plan: Plan, spectra: dict, tau: float | None, size_weight: bool = False,
+                  scale: dict | None = None) -> Plan:
+    """allocate_plan's greedy on these spectra, optionally size-weighted and kept within a window around uniform.
+
+    scale: per-layer factor on the predicted e^2 (variant C: measured / predicted at the uniform plan, squared).
+    """
     from dataclasses import replace
     free, cands = [], []
     total = 0.0
@@ -49,12 +54,22 @@ def windowed_plan(plan: Plan, spectra: dict, tau: float | None, size_weight: boo
             c = {"bytes": c["bytes"][idx], "err": c["err"][idx], "settings": [c["settings"][i] for i in idx]}
         if size_weight:
             c = dict(c, err=c["err"] * layer["in_features"] * layer["out_features"])
+        if scale is not None:
+            c = dict(c, err=c["err"] * scale[layer["name"]])
         free.append(layer)
         cands.append(c)
     budget = int(plan.target_ratio * total)
     chosen = greedy(cands, budget)
     ovs = [_override(layer["name"], c["settings"][k], plan) for layer, c, k in zip(free, cands, chosen, strict=True)]
     return replace(plan, target_ratio=None, rank=None, eps=None, overrides=ovs)
+
+
+def measured_scale(loaded, uniform: Plan, spectra: dict, stats: dict) -> dict:
+    """(measured / predicted)^2 relative output error per layer, from one real compression of the uniform plan."""
+    model = copy.deepcopy(loaded.model)
+    reports = compress_(model, uniform, stats=stats)
+    pred = {r["name"]: r["predicted_rel_error"] for r in preview(uniform, spectra)["layers"]}
+    return {r["name"]: (r["rel_output_error"] / max(pred[r["name"]], 1e-12)) ** 2 for r in reports}
 
 
 def main() -> None:
@@ -73,6 +88,8 @@ def main() -> None:
     held = split_text(default_text())[1]
     for ratio in args.ratios:
         uniform = Plan(method=method, target_ratio=ratio)
+        scale = measured_scale(loaded, uniform, spectra["A"], stats) if any(n[0] == "C" for n in names) else None
+        spectra["C"] = spectra["A"]
         for name in names:
             t0 = time.perf_counter()
             if name == "U":
@@ -81,7 +98,8 @@ def main() -> None:
                 kind, tau = name[0], name[1:]
                 sized = tau.startswith("s")
                 tau = tau.lstrip("s")
-                plan = windowed_plan(uniform, spectra[kind], None if tau == "inf" else float(tau), sized)
+                plan = windowed_plan(uniform, spectra[kind], None if tau == "inf" else float(tau), sized,
+                                     scale if kind == "C" else None)
             model = copy.deepcopy(loaded.model)
             reports = compress_(model, plan, stats=stats)
             pv = preview(plan, spectra["A"])["layers"]
