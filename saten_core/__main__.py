@@ -78,15 +78,17 @@ def plan_from_args(args: argparse.Namespace):
     kind = storage_method(args.method)  # wanda prunes, svd-w is an svd, saten-aw a saten
     if kind == "prune" and (args.rank is not None or args.eps is not None):
         raise ValueError(f"{args.method} keeps weights by score: use --density or --target-ratio, not --rank/--eps")
-    if kind != "prune" and args.target_ratio is None and args.rank is None and args.eps is None:
-        raise ValueError(f"method {args.method} needs one of --target-ratio, --rank or --eps")
-    if kind == "prune" and args.target_ratio is None and args.density is None and args.structure != "2:4":
-        raise ValueError(f"method {args.method} needs --density or --target-ratio")
+    sized = args.target_ratio is not None or getattr(args, "target_bytes", None) is not None
+    if kind != "prune" and not sized and args.rank is None and args.eps is None:
+        raise ValueError(f"method {args.method} needs one of --target-ratio, --target-bytes, --rank or --eps")
+    if kind == "prune" and not sized and args.density is None and args.structure != "2:4":
+        raise ValueError(f"method {args.method} needs --density, --target-ratio or --target-bytes")
     overrides = []
     density = args.density
-    if args.target_ratio is not None and density is not None:
+    if sized and density is not None:
         if kind != "saten":
-            raise ValueError(f"--density {density} conflicts with --target-ratio for method {args.method}")
+            raise ValueError(f"--density {density} conflicts with a byte target (--target-ratio / --target-bytes) "
+                             f"for method {args.method}")
         overrides, density = [Override(pattern="*", density=density)], None  # fixed density, rank fills the rest
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
@@ -121,24 +123,41 @@ def with_calibration_args(plan, args: argparse.Namespace):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
-    if args.allocate and plan.target_ratio is None:
-        raise ValueError("--allocate needs --target-ratio")
+    if args.allocate and plan.target_ratio is None and args.target_bytes is None:
+        raise ValueError("--allocate needs --target-ratio or --target-bytes")
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals
 
     loaded = load_model(args.model, device="cpu")
-    if args.allocate:  # on the weights' spectra for every method (whitened ones measured worse for saten-aw)
-        from saten_core.allocate import allocate_plan
-
-        plan = allocate_plan(loaded, plan, progress=tenths(stderr_progress))
+    plan = sized_plan(plan, loaded, args)
     rows = dry_run(loaded.model, plan)  # validates every layer against the plan before anything is written
     tot = dry_run_totals(rows)
     atomic_write_text(args.out, plan.to_json())
     if args.json:
         emit({"plan": json.loads(plan.to_json()), "layers": rows, "totals": tot})
     print(plan_summary(tot, args.out), file=sys.stderr)
+    if args.target_bytes is not None and tot["predicted_bytes"] is not None:
+        from saten_core.models import parameter_bytes
+
+        whole = parameter_bytes(loaded.model) - tot["bytes_before"] + tot["predicted_bytes"]
+        print(f"whole model: {whole:,} B predicted for a target of {args.target_bytes:,} B", file=sys.stderr)
     return 0
+
+
+def sized_plan(plan, loaded, args: argparse.Namespace):
+    """--target-bytes becomes the equivalent target ratio; --allocate turns the ratio into per-layer overrides."""
+    from dataclasses import replace
+
+    from saten_core.plan import ratio_for_model_bytes
+
+    if args.target_bytes is not None:  # whole-model bytes -> the block linears' share of them
+        plan = replace(plan, target_ratio=ratio_for_model_bytes(loaded.model, args.target_bytes))
+    if args.allocate:  # on the weights' spectra for every method (whitened ones measured worse for saten-aw)
+        from saten_core.allocate import allocate_plan
+
+        plan = allocate_plan(loaded, plan, progress=tenths(stderr_progress))
+    return plan
 
 
 def plan_summary(tot: dict, out: str) -> str:
@@ -235,6 +254,21 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def byte_size(s: str) -> int:
+    """An argparse type: a byte count with an optional unit (400MiB, 0.4GB, 419430400), > 0."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", s)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 400MiB, 0.4GB or 419430400, got {s!r}")
+    value = int(float(m.group(1)) * BYTE_UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {s!r}")
+    return value
 
 
 def add_plan_parser(sub) -> None:
@@ -244,6 +278,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--structure", default="unstructured", choices=STRUCTURES)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-ratio", type=float, help="fraction of each block linear's bytes to keep")
+    size.add_argument("--target-bytes", type=byte_size, help="whole-model size to fit, e.g. 400MiB, 0.4GB or "
+                      "419430400 (embeddings, norms and biases stay; the block linears get the rest)")
     size.add_argument("--rank", type=int, help="cap on every TT bond (svd: the matrix rank)")
     size.add_argument("--eps", type=float, help="TT-SVD relative error bound")
     p.add_argument("--density", type=float, help="fraction of residual (saten) / weights (prune) kept")

@@ -209,6 +209,31 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order)
 
 
+def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
+    """The target_ratio that makes the whole model `target_bytes` (all parameters, tied ones once).
+
+    Why: a deployment budget is a file or memory size, not a fraction of some layers. Embeddings, norms and
+    biases stay as they are, so the block linears' weights get target_bytes minus those; allocation then meets
+    the result within one layer's granularity and never above it (a uniform plan rounds each layer down).
+    Raises ValueError naming target_bytes when it is not above the bytes outside the block linears, or not
+    below the dense model's.
+    Example:
+        >>> ratio_for_model_bytes(load_model("smollm2-135m").model, 400 * 2**20)
+    """
+    from saten_core.models import linear_layers, parameter_bytes
+
+    if isinstance(target_bytes, bool) or int(target_bytes) != target_bytes:
+        raise ValueError(f"target bytes must be a whole number of bytes, got {target_bytes!r}")
+    total = parameter_bytes(model)
+    linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, lin.weight.dtype)
+                 for _, lin in linear_layers(model))
+    fixed = total - linear
+    if not fixed < target_bytes < total:
+        raise ValueError(f"target bytes {target_bytes:,} must lie between the {fixed:,} B outside the block "
+                         f"linears and the dense model's {total:,} B")
+    return (target_bytes - fixed) / linear
+
+
 def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:
     """Bytes of the dense weight at `dtype` (bias excluded: it is identical before and after)."""
     return in_features * out_features * dtype.itemsize

@@ -162,6 +162,50 @@ def test_allocate(tiny_llama_dir, tmp_path):
                          "--out", out), "--target-ratio")
 
 
+def _whole_model_bytes(model_dir: Path, plan_file: Path) -> tuple[int, int, int]:
+    """(dense model bytes, the plan's predicted whole-model bytes, largest block linear's bytes)."""
+    from saten_core.models import linear_layers, load_model, parameter_bytes
+    from saten_core.plan import Plan, dry_run, dry_run_totals
+
+    model = load_model(str(model_dir)).model
+    tot = dry_run_totals(dry_run(model, Plan.from_json(plan_file.read_text())))
+    largest = max(lin.weight.numel() * lin.weight.element_size() for _, lin in linear_layers(model))
+    dense = parameter_bytes(model)
+    return dense, dense - tot["bytes_before"] + tot["predicted_bytes"], largest
+
+
+@pytest.mark.parametrize("allocate", [True, False])
+def test_plan_target_bytes_fits_the_whole_model(tiny_llama_dir, tmp_path, allocate):
+    from saten_core.models import linear_layers, load_model, parameter_bytes
+
+    model = load_model(str(tiny_llama_dir)).model  # mostly embeddings: aim at 70% of its block linears
+    linear = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in linear_layers(model))
+    target = parameter_bytes(model) - linear + int(0.7 * linear)
+    out = tmp_path / "p.json"
+    proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-bytes", target,
+               *(["--allocate"] if allocate else []), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"target of {target:,} B" in proc.stderr
+    dense, whole, largest = _whole_model_bytes(tiny_llama_dir, out)
+    assert whole <= target < dense
+    assert target - whole <= largest  # met within one layer's granularity, never above
+
+
+@pytest.mark.parametrize("value, word", [("10", "10"), ("12XB", "12XB"), ("1TiB", "1TiB"), ("0", "0")])
+def test_plan_target_bytes_bad_values(tiny_llama_dir, tmp_path, value, word):
+    out = tmp_path / "p.json"
+    assert_bad_input(cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-bytes", value,
+                         "--allocate", "--out", out), word)
+    assert not out.exists()
+
+
+def test_byte_sizes_parse_units():
+    from saten_core.__main__ import byte_size
+
+    assert byte_size("400MiB") == 400 * 2**20 and byte_size("0.4GB") == 400_000_000
+    assert byte_size("419430400") == 419430400 and byte_size("2e6") == 2_000_000
+
+
 def test_compress_bad_inputs_leave_no_dir(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert_bad_input(cli("compress", "--model", tiny_llama_dir, "--plan", tmp_path / "missing.json", "--out", out),

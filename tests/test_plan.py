@@ -184,3 +184,16 @@ def test_needs_calibration():
     assert not Plan().needs_calibration()
     assert Plan(method="wanda", density=0.5).needs_calibration()
     assert Plan(method="saten", rank=4, heal_steps=1).needs_calibration()
+
+
+def test_ratio_for_model_bytes_leaves_the_rest_of_the_model_alone(tiny_llama_dir):
+    from saten_core.models import linear_layers, load_model, parameter_bytes
+    from saten_core.plan import ratio_for_model_bytes
+
+    model = load_model(str(tiny_llama_dir)).model
+    linear = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in linear_layers(model))
+    fixed = parameter_bytes(model) - linear
+    assert ratio_for_model_bytes(model, fixed + linear // 2) == pytest.approx(0.5, abs=1e-6)
+    for bad in (fixed, fixed - 1, fixed + linear, 1.5):
+        with pytest.raises(ValueError, match="target bytes"):
+            ratio_for_model_bytes(model, bad)
