@@ -6,7 +6,15 @@ import pandas as pd
 import streamlit as st
 
 from saten_core import charts
-from saten_core.plan import Override, Plan, dry_run, dry_run_totals
+from saten_core.plan import (
+    Override,
+    Plan,
+    dry_run,
+    dry_run_totals,
+    model_byte_bounds,
+    predicted_model_bytes,
+    ratio_for_model_bytes,
+)
 from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES
 from studio_ui import (
     PLAN_KEY,
@@ -45,7 +53,7 @@ def load_recipe() -> None:
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
     st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps)
     if plan.target_ratio:
-        st.session_state["plan_target"] = plan.target_ratio
+        st.session_state.update(plan_target=plan.target_ratio, plan_budget_unit="Share of block-linear bytes")
     if plan.rank:
         st.session_state["plan_rank"] = plan.rank
     if plan.eps:
@@ -102,8 +110,18 @@ mode = c3.radio("Set by", ["Target budget", "Rank and density", "Error bound"], 
 s1, s2 = st.columns(2)
 settings: dict = {"method": method, "structure": structure}
 if mode == "Target budget":
-    settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
-                                         key="plan_target")
+    unit = s1.radio("Budget as", ["Share of block-linear bytes", "Whole-model size"], horizontal=True,
+                    key="plan_budget_unit")
+    if unit == "Whole-model size":
+        fixed, dense = model_byte_bounds(lm.model)
+        low, high = math.ceil(fixed / 2**20 * 100 + 1) / 100, math.floor(dense / 2**20 * 100 - 1) / 100
+        mib = s1.number_input("Whole model, MiB", low, high, round(low + 0.8 * (high - low), 2), 1.0,
+                              key="plan_target_mib", help=f"embeddings, norms and biases stay ({fixed / 2**20:.2f} "
+                              "MiB); the block linears get the rest")
+        settings["target_ratio"] = ratio_for_model_bytes(lm.model, int(mib * 2**20))
+    else:
+        settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
+                                             key="plan_target")
     settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.01, 1.0,
                                           Plan().lowrank_share, 0.01, key="plan_share",
                                           help="default from bench_activation: output error falls as the share "
@@ -140,8 +158,10 @@ except (ValueError, TypeError) as exc:
 st.session_state[PLAN_KEY] = plan.to_json()
 
 totals = dry_run_totals(rows)
-m = st.columns(4)
+m = st.columns(5)
 m[0].metric("Layers changed", f"{totals['layers_changed']} / {totals['layers']}")
+m[4].metric("Whole model", human_bytes(predicted_model_bytes(lm.model, totals)),
+            help="every parameter after this plan (embeddings, norms, biases and layers left dense included)")
 m[1].metric("Bytes before", human_bytes(totals["bytes_before"]))
 m[2].metric("Predicted bytes", human_bytes(totals["predicted_bytes"]))
 if totals["predicted_bytes"] is not None:

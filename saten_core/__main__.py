@@ -127,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--allocate needs --target-ratio or --target-bytes")
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
-    from saten_core.plan import dry_run, dry_run_totals
+    from saten_core.plan import dry_run, dry_run_totals, predicted_model_bytes
 
     loaded = load_model(args.model, device="cpu")
     plan = sized_plan(plan, loaded, args)
@@ -137,10 +137,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         emit({"plan": json.loads(plan.to_json()), "layers": rows, "totals": tot})
     print(plan_summary(tot, args.out), file=sys.stderr)
-    if args.target_bytes is not None and tot["predicted_bytes"] is not None:
-        from saten_core.models import parameter_bytes
-
-        whole = parameter_bytes(loaded.model) - tot["bytes_before"] + tot["predicted_bytes"]
+    whole = predicted_model_bytes(loaded.model, tot)
+    if args.target_bytes is not None and whole is not None:
         print(f"whole model: {whole:,} B predicted for a target of {args.target_bytes:,} B", file=sys.stderr)
     return 0
 

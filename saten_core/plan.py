@@ -209,6 +209,16 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order)
 
 
+def model_byte_bounds(model: Any) -> tuple[int, int]:
+    """(bytes outside the block linears' weights, dense model bytes): the open range a whole-model target needs."""
+    from saten_core.models import linear_layers, parameter_bytes
+
+    total = parameter_bytes(model)
+    linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, lin.weight.dtype)
+                 for _, lin in linear_layers(model))
+    return total - linear, total
+
+
 def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
     """The target_ratio that makes the whole model `target_bytes` (all parameters, tied ones once).
 
@@ -220,18 +230,22 @@ def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
     Example:
         >>> ratio_for_model_bytes(load_model("smollm2-135m").model, 400 * 2**20)
     """
-    from saten_core.models import linear_layers, parameter_bytes
-
     if isinstance(target_bytes, bool) or int(target_bytes) != target_bytes:
         raise ValueError(f"target bytes must be a whole number of bytes, got {target_bytes!r}")
-    total = parameter_bytes(model)
-    linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, lin.weight.dtype)
-                 for _, lin in linear_layers(model))
-    fixed = total - linear
+    fixed, total = model_byte_bounds(model)
     if not fixed < target_bytes < total:
         raise ValueError(f"target bytes {target_bytes:,} must lie between the {fixed:,} B outside the block "
                          f"linears and the dense model's {total:,} B")
-    return (target_bytes - fixed) / linear
+    return (target_bytes - fixed) / (total - fixed)
+
+
+def predicted_model_bytes(model: Any, totals: dict) -> int | None:
+    """Whole-model bytes after a plan, from its dry-run totals (None when eps decides the ranks)."""
+    from saten_core.models import parameter_bytes
+
+    if totals["predicted_bytes"] is None:
+        return None
+    return parameter_bytes(model) - totals["bytes_before"] + totals["predicted_bytes"]
 
 
 def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:

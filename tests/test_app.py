@@ -137,6 +137,27 @@ def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
     assert metric(at, "Bytes before") == "288.00 KiB"
 
 
+def test_plan_whole_model_size_target(tiny_llama_dir, no_spawn):
+    """A whole-model MiB budget: the predicted whole model fits it, also after per-layer allocation."""
+    from saten_core.models import load_model
+    from saten_core.plan import model_byte_bounds
+
+    fixed, dense = model_byte_bounds(load_model(str(tiny_llama_dir)).model)
+    target_mib = round((fixed + 0.6 * (dense - fixed)) / 2**20, 2)
+    at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
+    if any(b.key == "spectrum_all" for b in at.button):
+        scan_all_layers(at)
+    at.switch_page("app_pages/plan.py").run()
+    at.radio(key="plan_budget_unit").set_value("Whole-model size").run()
+    at.number_input(key="plan_target_mib").set_value(target_mib).run()
+    no_exception(at)
+    whole = lambda: float(metric(at, "Whole model").removesuffix(" MiB").replace(",", ""))
+    assert whole() <= target_mib and 0.55 <= float(metric(at, "Kept").rstrip("%")) / 100 <= 0.6
+    at.button(key="plan_allocate").click().run()
+    no_exception(at)
+    assert len(at.session_state["plan_overrides"]) == 14 and whole() <= target_mib
+
+
 def test_plan_page_defaults_follow_the_library_plan(tiny_llama_dir):
     """The page starts from the measured library defaults, not its own guesses."""
     at = page("app_pages/plan.py", model=str(tiny_llama_dir))
