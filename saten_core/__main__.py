@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saten_core.plan import LOWRANK_SHARE
-from saten_core.spec import METHODS, STRUCTURES, storage_method
+from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
 CLI_METHODS = METHODS
@@ -125,6 +125,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
     if args.allocate and plan.target_ratio is None and args.target_bytes is None:
         raise ValueError("--allocate needs --target-ratio or --target-bytes")
+    if args.allocate_spectra == "whitened" and not (args.allocate and needs_stats(plan.method)):
+        raise ValueError(f"--allocate-spectra whitened needs --allocate and an activation-aware method "
+                         f"(saten-aw, svd-w, wanda), got method {plan.method}")
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals, predicted_model_bytes
@@ -151,10 +154,12 @@ def sized_plan(plan, loaded, args: argparse.Namespace):
 
     if args.target_bytes is not None:  # whole-model bytes -> the block linears' share of them
         plan = replace(plan, target_ratio=ratio_for_model_bytes(loaded.model, args.target_bytes))
-    if args.allocate:  # on the weights' spectra for every method (whitened ones measured worse for saten-aw)
-        from saten_core.allocate import allocate_plan
+    if args.allocate:  # on the weights' spectra unless asked (whitened ones measured worse for saten-aw)
+        from saten_core.allocate import activation_spectra, allocate_plan
 
-        plan = allocate_plan(loaded, plan, progress=tenths(stderr_progress))
+        progress = tenths(stderr_progress)
+        spectra = activation_spectra(loaded, plan, progress=progress) if args.allocate_spectra == "whitened" else None
+        plan = allocate_plan(loaded, plan, progress=progress, spectra=spectra)
     return plan
 
 
@@ -285,6 +290,10 @@ def add_plan_parser(sub) -> None:
                    help="saten(-aw) + target ratio: TT share of bytes")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
+    p.add_argument("--allocate-spectra", choices=["weights", "whitened"], default="weights",
+                   help="what --allocate predicts errors from: the weights' spectra (default) or, for "
+                   "activation-aware methods, the spectra of W L from the --calib text's input statistics "
+                   "(measured worse on smollm2-135m: docs/benchmarks/spectrum.md)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--json", action="store_true", help="print plan + dry run as JSON on stdout")
     add_calibration_args(p)

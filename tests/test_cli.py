@@ -199,6 +199,19 @@ def test_plan_target_bytes_bad_values(tiny_llama_dir, tmp_path, value, word):
     assert not out.exists()
 
 
+def test_plan_allocate_on_whitened_spectra(tiny_llama_dir, tmp_path):
+    """The opt-in activation-aware allocation: calibration text -> W L spectra -> a plan within budget."""
+    out, text = tmp_path / "p.json", tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten-aw", "--target-ratio", "0.6", "--allocate",
+               "--allocate-spectra", "whitened", "--calib", text, "--calib-tokens", "512", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    tot = json.loads(proc.stdout)["totals"]
+    assert tot["layers_changed"] == 14 and tot["predicted_bytes"] <= 0.6 * tot["bytes_before"]
+    assert_bad_input(cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-ratio", "0.6",
+                         "--allocate", "--allocate-spectra", "whitened", "--out", out), "saten")
+
+
 def test_byte_sizes_parse_units():
     from saten_core.__main__ import byte_size
 
