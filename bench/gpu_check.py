@@ -1,8 +1,8 @@
 """GPU check: the CUDA path end to end on smollm2-135m, printed as one Markdown table (run via bench/gpu_check.sh).
 
 What it measures, each on the same device in one run so the ratios are side by side:
-  1. compression time of the whole model (Saten, 80% of block-linear bytes kept; data-free and, if the methods
-     exist, activation-aware), on CUDA;
+  1. compression time of the whole model (Saten, 80% of block-linear bytes kept; data-free, and activation-aware
+     on the allocated plan with calibration and --heal-steps of healing, issue 5's best configuration), on CUDA;
   2. held-out perplexity, KL and top-1 agreement against the original;
   3. batch-1 prefill and decode latency of dense vs compressed (median of repeats, after warm-up), fp32 and fp16;
   4. the 2:4 semi-structured kernel (PyTorch `to_sparse_semi_structured`) against a dense fp16 matmul on
@@ -117,10 +117,37 @@ def half_rows(base, repeats: int) -> None:
     row(f"{label}: decode time vs dense fp16", f"{lat['decode_ms_per_token'] / ref['decode_ms_per_token']:.2f}x")
 
 
+def aw_rows(base, text: str, args) -> None:
+    """Activation-aware Saten at 80% on the allocated plan: calibrate, compress, measure, heal, measure again."""
+    from dataclasses import replace
+
+    from saten_core.allocate import allocate_plan
+    from saten_core.build import calibration_text, collect_stats, compress_loaded, heal_loaded
+
+    plan = Plan(method="saten-aw", target_ratio=0.8, heal_steps=args.heal_steps, heal_lr=3e-5, heal_seq_len=128,
+                heal_tokens=8192, heal_eval_tokens=512, heal_eval_every=max(args.heal_steps // 4, 1))
+    stats, seconds = timed(collect_stats, base, plan)
+    row("saten-aw: calibration s (input statistics, plan default tokens)", f"{seconds:.1f}")
+    plan, seconds = timed(allocate_plan, base, plan)
+    row("saten-aw: allocate s (all-layer spectra + allocation)", f"{seconds:.1f}")
+    loaded = copy.copy(base)
+    loaded.model = copy.deepcopy(base.model)
+    info, seconds = timed(compress_loaded, loaded, replace(plan, heal_steps=0), stats=stats)
+    kept = sum(r["bytes_after"] for r in info["layers"]) / sum(r["bytes_before"] for r in info["layers"])
+    row("saten-aw 0.8 allocated: compress s / bytes kept", f"{seconds:.1f} / {kept:.3f}")
+    quality("saten-aw 0.8 allocated", base.model, loaded.model, base.tokenizer, text, args.tokens)
+    if args.heal_steps:
+        healed, seconds = timed(heal_loaded, loaded, base.model, plan, calibration_text(plan))
+        row(f"saten-aw 0.8 allocated: heal {args.heal_steps} steps lr 3e-5 s / best step",
+            f"{seconds:.1f} / {healed.get('best_step')}")
+        quality("saten-aw 0.8 allocated + heal", base.model, loaded.model, base.tokenizer, text, args.tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--heal-steps", type=int, default=64, help="healing steps for the saten-aw row (0 = none)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when no GPU (a smoke test of this script)")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -139,6 +166,7 @@ def main() -> None:
     row("saten 0.8 fp32: decode time vs dense",
         f"{lat['decode_ms_per_token'] / dense_lat['decode_ms_per_token']:.2f}x (above 1 = slower than dense)")
     del saten
+    aw_rows(base, text, args)
     if device == "cuda":
         half_rows(base, args.repeats)
     semi_structured(args.repeats)
