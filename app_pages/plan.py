@@ -160,8 +160,6 @@ st.session_state[PLAN_KEY] = plan.to_json()
 totals = dry_run_totals(rows)
 m = st.columns(5)
 m[0].metric("Layers changed", f"{totals['layers_changed']} / {totals['layers']}")
-m[4].metric("Whole model", human_bytes(predicted_model_bytes(lm.model, totals)),
-            help="every parameter after this plan (embeddings, norms, biases and layers left dense included)")
 m[1].metric("Bytes before", human_bytes(totals["bytes_before"]))
 m[2].metric("Predicted bytes", human_bytes(totals["predicted_bytes"]))
 if totals["predicted_bytes"] is not None:
@@ -169,6 +167,8 @@ if totals["predicted_bytes"] is not None:
                 help="predicted bytes / bytes before (block linears, indices and metadata counted)")
 else:
     m[3].metric("Kept", "set by eps", help="an error bound picks each rank at compression time")
+m[4].metric("Whole model", human_bytes(predicted_model_bytes(lm.model, totals)),
+            help="every parameter after this plan (embeddings, norms, biases and layers left dense included)")
 
 data = spectra_if_ready(model_ref())
 if data is None:
