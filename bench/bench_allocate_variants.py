@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from saten_core.allocate import _override, activation_spectra, greedy, layer_candidates
+from saten_core.allocate import _override, activation_spectra, greedy, layer_candidates, layer_weight, weighted
 from saten_core.build import calibration_text, collect_stats, heal_texts
 from saten_core.compress import compress_
 from saten_core.corpus import default_text, split_text
@@ -53,9 +53,9 @@ def windowed_plan(plan: Plan, spectra: dict, tau: float | None, size_weight: boo
             idx = np.flatnonzero(ok)
             c = {"bytes": c["bytes"][idx], "err": c["err"][idx], "settings": [c["settings"][i] for i in idx]}
         if size_weight:
-            c = dict(c, err=c["err"] * layer["in_features"] * layer["out_features"])
+            c = weighted(c, layer_weight(layer))
         if scale is not None:
-            c = dict(c, err=c["err"] * scale[layer["name"]])
+            c = weighted(c, scale[layer["name"]])
         free.append(layer)
         cands.append(c)
     budget = int(plan.target_ratio * total)

@@ -140,8 +140,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         emit({"plan": json.loads(plan.to_json()), "layers": rows, "totals": tot})
     print(plan_summary(tot, args.out), file=sys.stderr)
-    whole = predicted_model_bytes(loaded.model, tot)
-    if args.target_bytes is not None and whole is not None:
+    if args.target_bytes is not None and (whole := predicted_model_bytes(loaded.model, tot)) is not None:
         print(f"whole model: {whole:,} B predicted for a target of {args.target_bytes:,} B", file=sys.stderr)
     return 0
 

@@ -362,3 +362,8 @@ def parameter_bytes(model: nn.Module) -> int:
     Used with a run's per-layer totals to give whole-model sizes, since a plan may change only some layers.
     """
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def whole_model_bytes(whole_before: int, layers_before: int, layers_after: int) -> int:
+    """Whole-model bytes once some layers change size: what they do not touch counts the same on both sides."""
+    return int(whole_before - layers_before + layers_after)

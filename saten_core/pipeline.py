@@ -104,8 +104,10 @@ def evaluate_model(loaded: Any, *, text: str | None = None, tokens: int = EVAL_T
 def add_model_bytes(totals: dict, whole_before: int) -> None:
     """Whole-model bytes before/after next to the changed layers' sums, so runs over different layer subsets
     compare on one axis (size charts, replica memory). Unchanged layers, embeddings and norms count on both sides."""
+    from saten_core.models import whole_model_bytes
+
     totals["model_bytes_before"] = int(whole_before)
-    totals["model_bytes_after"] = int(whole_before - totals["bytes_before"] + totals["bytes_after"])
+    totals["model_bytes_after"] = whole_model_bytes(whole_before, totals["bytes_before"], totals["bytes_after"])
 
 
 def evaluate_pair(reference: Any, candidate: Any, *, text: str | None = None, tokens: int = EVAL_TOKENS) -> dict:

@@ -241,11 +241,11 @@ def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
 
 def predicted_model_bytes(model: Any, totals: dict) -> int | None:
     """Whole-model bytes after a plan, from its dry-run totals (None when eps decides the ranks)."""
-    from saten_core.models import parameter_bytes
+    from saten_core.models import parameter_bytes, whole_model_bytes
 
     if totals["predicted_bytes"] is None:
         return None
-    return parameter_bytes(model) - totals["bytes_before"] + totals["predicted_bytes"]
+    return whole_model_bytes(parameter_bytes(model), totals["bytes_before"], totals["predicted_bytes"])
 
 
 def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:
