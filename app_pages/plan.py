@@ -49,7 +49,7 @@ def load_recipe() -> None:
         return
     mode = "Target budget" if plan.target_ratio else "Error bound" if plan.eps else "Rank and density"
     st.session_state.update(plan_method=plan.method, plan_structure=plan.structure, plan_mode=mode,
-                            plan_density=plan.density, plan_share=plan.lowrank_share,
+                            plan_density=plan.density, plan_share=plan.lowrank_share, plan_group=plan.mask_group,
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
     st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps)
     if plan.target_ratio:
@@ -108,7 +108,11 @@ method = c1.selectbox("Method", METHODS, key="plan_method", format_func=method_l
 structure = c2.radio("Sparsity structure", STRUCTURES, horizontal=True, key="plan_structure")
 mode = c3.radio("Set by", ["Target budget", "Rank and density", "Error bound"], key="plan_mode")
 s1, s2 = st.columns(2)
-settings: dict = {"method": method, "structure": structure}
+group = c2.radio("Unstructured top-k per", ["auto", "layer", "row"], horizontal=True, key="plan_group",
+                 disabled=structure == "2:4", help="keep the largest scores of the whole layer, or the same count "
+                 "in every output row; auto = per row for Wanda and activation-aware Saten (the Wanda paper's "
+                 "rule, measured better here), per layer otherwise")
+settings: dict = {"method": method, "structure": structure, "mask_group": group}
 if mode == "Target budget":
     unit = s1.radio("Budget as", ["Share of block-linear bytes", "Whole-model size"], horizontal=True,
                     key="plan_budget_unit")

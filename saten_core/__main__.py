@@ -92,7 +92,8 @@ def plan_from_args(args: argparse.Namespace):
         overrides, density = [Override(pattern="*", density=density)], None  # fixed density, rank fills the rest
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
-                lowrank_share=args.lowrank_share, order=args.order, overrides=overrides)
+                lowrank_share=args.lowrank_share, order=args.order, mask_group=args.mask_group,
+                overrides=overrides)
     plan = with_calibration_args(plan, args)
     plan.validate()
     return plan
@@ -288,6 +289,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--lowrank-share", type=float, default=LOWRANK_SHARE,
                    help="saten(-aw) + target ratio: TT share of bytes")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
+    p.add_argument("--mask-group", choices=["auto", "layer", "row"], default="auto",
+                   help="unstructured top-k over each layer or the same count per output row; auto: per row for "
+                   "the activation-scored masks (wanda, saten-aw), per layer otherwise")
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
     p.add_argument("--allocate-spectra", choices=["weights", "whitened"], default="weights",
                    help="what --allocate predicts errors from: the weights' spectra (default) or, for "

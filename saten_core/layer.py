@@ -48,11 +48,16 @@ def _modes(in_features: int, out_features: int, spec: LayerSpec) -> tuple[list[i
     return tensorized_shape(in_features, out_features, order)
 
 
-def _nnz(in_features: int, out_features: int, spec: LayerSpec) -> int:
+def kept_entries(in_features: int, out_features: int, spec: LayerSpec) -> int:
+    """Sparse entries `from_linear` keeps: half for 2:4, else density of the layer or of every output row."""
     if not _has_sparse(spec):
         return 0
     numel = in_features * out_features
-    return numel // 2 if spec.structure == "2:4" else round(spec.density * numel)
+    if spec.structure == "2:4":
+        return numel // 2
+    if spec.group == "row":
+        return out_features * round(spec.density * in_features)
+    return round(spec.density * numel)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -77,7 +82,7 @@ def predict_bytes(in_features: int, out_features: int, spec: LayerSpec, dtype: t
         modes = in_modes + out_modes
         total += tt_param_count(modes, capped_ranks(modes, spec.rank)) * elem
     if _has_sparse(spec):
-        nnz = _nnz(in_features, out_features, spec)
+        nnz = kept_entries(in_features, out_features, spec)
         total += nnz * elem + mask_bytes(in_features * out_features, nnz, spec.structure)
     return total
 
@@ -177,7 +182,7 @@ class SatenLinear(nn.Module):
         if not _has_sparse(spec):
             return None, None, None
         score = residual.abs() if scores is None else residual.abs() * scores.to(residual.device).float()
-        mask = nm_mask(score) if spec.structure == "2:4" else topk_mask(score, spec.density)
+        mask = nm_mask(score) if spec.structure == "2:4" else topk_mask(score, spec.density, spec.group)
         fmt, packed = pack_mask(mask, spec.structure)
         return mask, fmt, packed
 

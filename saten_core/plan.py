@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
-from saten_core.spec import METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
+from saten_core.spec import GROUPS, METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
 
 # Calibration tokens by default: more than the widest smollm2 input (1536), so its second moment is full rank
 # before damping; 2048 tokens took 14 s on 2 idle CPU cores for all 210 layers, so 4096 take ~30 s
@@ -60,6 +60,7 @@ class Plan:
     target_ratio: float | None = None  # fraction of each layer's dense bytes to keep; picks rank/density
     lowrank_share: float = LOWRANK_SHARE  # saten(-aw) + target_ratio: share of the kept bytes given to the TT part
     order: int = 2  # modes per side of the tensorisation (svd always uses 1)
+    mask_group: str = "auto"  # unstructured top-k per "layer" or per output "row"; auto: see mask_group()
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
@@ -120,6 +121,8 @@ class Plan:
             if self.density:
                 raise ValueError(f"target_ratio picks the density itself; drop density {self.density} from the "
                                  "plan (an override with pattern '*' fixes it)")
+        if self.mask_group not in ("auto", *GROUPS):
+            raise ValueError(f"unknown mask_group {self.mask_group!r}; expected auto, {', '.join(GROUPS)}")
         if not (0.0 < self.lowrank_share <= 1.0):
             raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
         for name in ("include", "exclude"):
@@ -206,7 +209,22 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
         rank, eps = None, None
     if plan.structure == "2:4" and kind in ("saten", "prune"):
         density = 0.5
-    return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order)
+    return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order,
+                     group=mask_group(plan))
+
+
+def mask_group(plan: Plan) -> str:
+    """The top-k group a plan's layers use: its mask_group, where "auto" is per row for activation-scored masks.
+
+    Why per row for wanda / saten-aw: that is the Wanda paper's comparison group, and on smollm2-135m at 50% of
+    the bytes it took Wanda from 27.8 to 21.3 held-out perplexity and allocated saten-aw from 29.4 to 22.5
+    (docs/BENCHMARKS.md). Data-free masks keep the per-layer top-k the Saten paper uses. 2:4 has its own groups.
+    """
+    if plan.structure == "2:4":
+        return "layer"
+    if plan.mask_group != "auto":
+        return plan.mask_group
+    return "row" if plan.method in ("wanda", "saten-aw") else "layer"
 
 
 def model_byte_bounds(model: Any) -> tuple[int, int]:

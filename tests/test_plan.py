@@ -34,6 +34,8 @@ PLANS = [
          heal_eval_every=5, heal_lm_weight=0.5),
     Plan(method="svd-w", rank=16, calib="/data/my text.txt", calib_seq_len=256),
     Plan(method="wanda", structure="2:4", heal_steps=10),
+    Plan(method="saten", target_ratio=0.7, mask_group="row"),
+    Plan(method="wanda", density=0.4, mask_group="layer"),
 ]
 
 
@@ -56,6 +58,7 @@ def test_json_round_trip(plan):
     ({"target_ratio": 0.5, "rank": 4}, "rank"),
     ({"target_ratio": 0.5, "density": 0.25}, "0.25"),
     ({"lowrank_share": 0.0}, "0.0"),
+    ({"mask_group": "column"}, "column"),
     ({"colour": "red"}, "colour"),
     ({"overrides": [{"pattern": "*", "rank": -3}]}, "-3"),
     ({"overrides": [{"pattern": "*", "sizzle": 1}]}, "sizzle"),
@@ -127,6 +130,9 @@ TARGETS = [
     Plan(method="tt", target_ratio=0.5),
     Plan(method="svd", target_ratio=0.3),
     Plan(method="prune", target_ratio=0.6),
+    Plan(method="wanda", target_ratio=0.55),
+    Plan(method="saten-aw", target_ratio=0.8),
+    Plan(method="saten", target_ratio=0.6, mask_group="row"),
 ]
 
 
@@ -146,8 +152,9 @@ def test_target_ratio_never_exceeds_budget_and_is_tight(plan, shape, dtype):
         bigger = predict_bytes(n_in, n_out, LayerSpec(**{**spec.to_dict(), "rank": spec.rank + 1}), dtype)
         assert bigger > budget or bigger == got  # rank cap saturated the bonds
     density_free = plan.structure != "2:4" and not any(o.density is not None for o in plan.overrides)
-    if plan.method in ("saten", "prune") and density_free and spec.density < 1.0:
-        step = LayerSpec(**{**spec.to_dict(), "density": spec.density + 1.0 / (n_in * n_out)})
+    if plan.method in ("saten", "prune", "wanda", "saten-aw") and density_free and spec.density < 1.0:
+        unit = n_in if spec.group == "row" else n_in * n_out  # one more entry per row, or in the layer
+        step = LayerSpec(**{**spec.to_dict(), "density": min(1.0, spec.density + 1.0 / unit)})
         assert predict_bytes(n_in, n_out, step, dtype) > budget
 
 
@@ -197,3 +204,22 @@ def test_ratio_for_model_bytes_leaves_the_rest_of_the_model_alone(tiny_llama_dir
     for bad in (fixed, fixed - 1, fixed + linear, 1.5):
         with pytest.raises(ValueError, match="target bytes"):
             ratio_for_model_bytes(model, bad)
+
+
+@pytest.mark.parametrize("plan, group", [
+    (Plan(method="wanda", density=0.5), "row"),
+    (Plan(method="saten-aw", rank=4, density=0.1), "row"),
+    (Plan(method="saten", rank=4, density=0.1), "layer"),
+    (Plan(method="prune", density=0.5), "layer"),
+    (Plan(method="wanda", structure="2:4"), "layer"),  # 2:4 has its own groups of four
+    (Plan(method="saten", rank=4, density=0.1, mask_group="row"), "row"),
+    (Plan(method="wanda", density=0.5, mask_group="layer"), "layer"),
+])
+def test_mask_group_auto_is_per_row_for_activation_scored_masks(plan, group):
+    assert layer_spec(plan, "m.layers.0.proj", 64, 32, torch.float32).group == group
+
+
+def test_plan_json_without_mask_group_still_loads():
+    legacy = json.loads(Plan(method="wanda", density=0.5).to_json())
+    del legacy["mask_group"]
+    assert Plan.from_json(json.dumps(legacy)).mask_group == "auto"

@@ -20,6 +20,27 @@ def test_topk_count(density):
     assert int(topk_mask(torch.randn(33, 17), density).sum()) == round(density * 33 * 17)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_topk_per_row_keeps_the_largest_of_every_output(density):
+    scores = torch.randn(40, 30).abs()
+    scores[:, 0] *= 1000  # one output dominates: a per-layer top-k would spend its budget there
+    mask = topk_mask(scores, density, "row")
+    k = round(density * 40)
+    assert torch.equal(mask.sum(0), torch.full((30,), k))
+    for o in range(30):
+        if 0 < k < 40:
+            assert scores[mask[:, o], o].min() >= scores[~mask[:, o], o].max()
+    if 0 < density < 1:
+        assert not torch.equal(mask, topk_mask(scores, density))
+
+
+def test_topk_bad_group_raises():
+    with pytest.raises(ValueError, match="column"):
+        topk_mask(torch.randn(4, 4), 0.5, "column")
+    with pytest.raises(ValueError, match="shape"):
+        topk_mask(torch.randn(4, 4, 2), 0.5, "row")
+
+
 def test_nm_mask_two_of_every_four_along_input():
     scores = torch.randn(64, 24).abs()
     mask = nm_mask(scores)
