@@ -243,6 +243,18 @@ def test_cli_plan_rejects_rank_for_wanda(tiny_llama_dir, tmp_path):
                          "--out", tmp_path / "p.json"), "wanda")
 
 
+def test_cli_plan_mask_group(tiny_llama_dir, tmp_path):
+    from test_cli import assert_bad_input, cli
+
+    out = tmp_path / "p.json"
+    done = cli("plan", "--model", tiny_llama_dir, "--method", "wanda", "--target-ratio", "0.6", "--mask-group",
+               "layer", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert Plan.from_json(out.read_text()).mask_group == "layer"
+    assert_bad_input(cli("plan", "--model", tiny_llama_dir, "--method", "wanda", "--target-ratio", "0.6",
+                         "--mask-group", "column", "--out", tmp_path / "q.json"), "column")
+
+
 @pytest.mark.parametrize("rank", [2, 4, 6])
 def test_lossy_input_split_is_refined_in_the_whitened_norm(correlated, rank):
     """Rank caps below the first input mode (8 here) cannot keep L^-T M_hat exactly; ALS gets close to it."""

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from saten_core.plan import Plan
 from saten_core.roi import GPU_CATALOG, HOURS_PER_MONTH
-from studio_ui import method_label
+from studio_ui import PLAN_KEY, method_label
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -163,6 +163,19 @@ def test_plan_page_defaults_follow_the_library_plan(tiny_llama_dir):
     at = page("app_pages/plan.py", model=str(tiny_llama_dir))
     no_exception(at)
     assert at.slider(key="plan_share").value == Plan().lowrank_share
+
+
+def test_plan_mask_group_reaches_the_plan_and_the_bytes(tiny_llama_dir):
+    """Per-row top-k rounds per output, so the predicted bytes follow the radio; the saved plan carries it."""
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density", plan_method="wanda")
+    at.slider(key="plan_density").set_value(0.33).run()
+    no_exception(at)
+    assert Plan.from_json(at.session_state[PLAN_KEY]).mask_group == "auto"
+    auto = metric(at, "Predicted bytes")
+    at.radio(key="plan_group").set_value("layer").run()
+    no_exception(at)
+    assert Plan.from_json(at.session_state[PLAN_KEY]).mask_group == "layer"
+    assert metric(at, "Predicted bytes") != auto
 
 
 def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
