@@ -107,10 +107,11 @@ def test_target_ratio_resolves_like_the_data_free_twin(method, twin):
     from saten_core.plan import layer_spec
 
     for structure in ("unstructured", "2:4") if twin != "svd" else ("unstructured",):
-        args = dict(target_ratio=0.6, lowrank_share=0.3, structure=structure)
-        aware = layer_spec(Plan(method=method, **args), "x", 576, 1536, torch.float32)
-        free = layer_spec(Plan(method=twin, **args), "x", 576, 1536, torch.float32)
-        assert aware.to_dict() == dict(free.to_dict(), method=method)
+        for group in ("layer", "row"):  # the same top-k group; "auto" differs (row for wanda / saten-aw)
+            args = dict(target_ratio=0.6, lowrank_share=0.3, structure=structure, mask_group=group)
+            aware = layer_spec(Plan(method=method, **args), "x", 576, 1536, torch.float32)
+            free = layer_spec(Plan(method=twin, **args), "x", 576, 1536, torch.float32)
+            assert aware.to_dict() == dict(free.to_dict(), method=method)
 
 
 # ---------------------------------------------------------------- pipeline: calibrate, compress, heal, save
