@@ -43,7 +43,7 @@ def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dic
     """Compress a copy of the base model at `ratio` bytes, measure, heal it, measure again."""
     plan = Plan(method=method, structure=structure, target_ratio=ratio, heal_steps=args.heal_steps,
                 heal_lr=args.heal_lr, heal_seq_len=args.heal_seq_len, heal_eval_tokens=args.heal_eval_tokens,
-                heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every)
+                heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every, mask_group=args.mask_group)
     if args.lowrank_share is not None:
         plan = replace(plan, lowrank_share=args.lowrank_share)
     loaded = copy.copy(base)
@@ -87,7 +87,9 @@ def table(rows: list[dict], base_ppl: float) -> str:
             continue
         healed = r.get("after_heal")
         rel = f"{healed['ppl'] / base_ppl:.2f}x" if healed else "—"
+        group = r.get("plan", {}).get("mask_group", "auto")
         method = r["method"] + (" (allocated)" if r.get("allocated") else "")
+        method += f" [{group}]" if group != "auto" else ""
         lines.append(f"| {r['ratio']} | {method} | {r['structure']} | {r['bytes_kept']:.3f} | "
                      f"{fmt(r['before_heal'])} | {fmt(healed)} | {rel} |")
     return "\n".join(lines)
@@ -108,6 +110,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--lowrank-share", type=float, default=None, help="default: the plan's default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--allocate", action="store_true", help="allocated per-layer plans instead of uniform ones")
+    ap.add_argument("--mask-group", default="auto", choices=["auto", "layer", "row"],
+                    help="unstructured top-k per layer or per output row (auto: row for wanda / saten-aw)")
     ap.add_argument("--out", default="bench_methods.jsonl")
     return ap.parse_args()
 
@@ -126,7 +130,8 @@ def main() -> None:
     for ratio in args.ratios:
         for method, structure in rows:
             if any(d["method"] == method and d["structure"] == structure and d["ratio"] == ratio
-                   and d.get("allocated", False) == args.allocate for d in done):
+                   and d.get("allocated", False) == args.allocate
+                   and d.get("plan", {}).get("mask_group", "auto") == args.mask_group for d in done):
                 continue
             row = run_row(base, stats, method, structure, ratio, args)
             done.append(row)
