@@ -185,7 +185,7 @@ elif (preview := library("preview", "Per-layer predicted error")) is not None:
     st.plotly_chart(charts.layer_error_chart(pd.DataFrame(pv["layers"]), "predicted_rel_error",
                                              "Predicted per-layer relative error"), key="plan_error_chart")
 table = pd.DataFrame(rows)
-for field in ("method", "rank", "density", "structure"):
+for field in ("method", "rank", "density", "structure", "group"):
     table[field] = table["spec"].map(lambda s, f=field: "dense" if s is None and f == "method" else (s or {}).get(f))
 table["shape"] = table["shape"].map(lambda s: f"{s[0]} x {s[1]}")
 table = table.drop(columns=["spec", "changed"])
