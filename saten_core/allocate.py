@@ -31,7 +31,7 @@ from saten_core.spec import LayerSpec, needs_stats, storage_method
 
 Progress = Callable[[str, float, str], None]
 # Densities tried per rank: log-spaced up to 5%, then every 0.5%. The first grid (40 log-spaced points, steps of
-# ~19%) left allocated saten-aw at 50% bytes 5.7% worse than a 160-point one (22.49 vs 20.98 held-out ppl).
+# ~19%) gave allocated saten-aw at 50% bytes 29.38 held-out ppl, this one 27.48 (per-layer masks, BENCHMARKS.md).
 SATEN_DENSITIES = (0.0, *np.geomspace(1e-3, 0.05, 20).round(6).tolist(),
                    *np.linspace(0.055, 1.0, 190).round(6).tolist())
 PRUNE_DENSITIES = tuple(np.linspace(0.005, 1.0, 200).round(6).tolist())
