@@ -217,7 +217,7 @@ def mask_group(plan: Plan) -> str:
     """The top-k group a plan's layers use: its mask_group, where "auto" is per row for activation-scored masks.
 
     Why per row for wanda / saten-aw: that is the Wanda paper's comparison group, and on smollm2-135m at 50% of
-    the bytes it took Wanda from 27.8 to 21.3 held-out perplexity and allocated saten-aw from 27.5 to 21.4
+    the bytes it took Wanda from 27.8 to 21.3 held-out perplexity and allocated saten-aw from 29.4 to 23.2
     (docs/BENCHMARKS.md). Data-free masks keep the per-layer top-k the Saten paper uses. 2:4 has its own groups.
     """
     if plan.structure == "2:4":
