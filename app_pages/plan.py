@@ -7,6 +7,7 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.plan import (
+    MASK_GROUPS,
     Override,
     Plan,
     dry_run,
@@ -108,7 +109,7 @@ method = c1.selectbox("Method", METHODS, key="plan_method", format_func=method_l
 structure = c2.radio("Sparsity structure", STRUCTURES, horizontal=True, key="plan_structure")
 mode = c3.radio("Set by", ["Target budget", "Rank and density", "Error bound"], key="plan_mode")
 s1, s2 = st.columns(2)
-group = c2.radio("Unstructured top-k per", ["auto", "layer", "row"], horizontal=True, key="plan_group",
+group = c2.radio("Unstructured top-k per", MASK_GROUPS, horizontal=True, key="plan_group",
                  disabled=structure == "2:4", help="keep the largest scores of the whole layer, or the same count "
                  "in every output row; auto = per row for Wanda and activation-aware Saten (the Wanda paper's "
                  "rule, measured better here), per layer otherwise")

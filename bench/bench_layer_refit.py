@@ -68,8 +68,9 @@ def main() -> None:
                                             stats=cal[name])
             key = method + (f"@{share}" if share else "")
             start = time.perf_counter()
-            row.update({key: out_err(w, layer.to_dense(), c_held), f"{key}+refit": out_err(w, refit(layer, w.mT, c_cal),
-                        c_held), f"{key}_rank": layer.rank(), f"{key}_bytes": layer.stored_bytes(),
+            refitted = refit(layer, w.mT, c_cal)
+            row.update({key: out_err(w, layer.to_dense(), c_held), f"{key}+refit": out_err(w, refitted, c_held),
+                        f"{key}_rank": layer.rank(), f"{key}_bytes": layer.stored_bytes(),
                         f"{key}_refit_s": round(time.perf_counter() - start, 1)})
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:

@@ -26,7 +26,7 @@ from saten_core.build import calibration_text, collect_stats, compress_loaded, h
 from saten_core.evaluate import agreement, perplexity
 from saten_core.models import load_model
 from saten_core.pipeline import held_out_text
-from saten_core.plan import Plan
+from saten_core.plan import MASK_GROUPS, Plan
 
 ROWS = [("svd", "unstructured"), ("tt", "unstructured"), ("prune", "unstructured"), ("prune", "2:4"),
         ("wanda", "unstructured"), ("wanda", "2:4"), ("svd-w", "unstructured"), ("saten", "unstructured"),
@@ -110,7 +110,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--lowrank-share", type=float, default=None, help="default: the plan's default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--allocate", action="store_true", help="allocated per-layer plans instead of uniform ones")
-    ap.add_argument("--mask-group", default="auto", choices=["auto", "layer", "row"],
+    ap.add_argument("--mask-group", default="auto", choices=MASK_GROUPS,
                     help="unstructured top-k per layer or per output row (auto: row for wanda / saten-aw)")
     ap.add_argument("--out", default="bench_methods.jsonl")
     return ap.parse_args()

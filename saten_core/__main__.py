@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from saten_core.plan import LOWRANK_SHARE
+from saten_core.plan import LOWRANK_SHARE, MASK_GROUPS
 from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
@@ -289,7 +289,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--lowrank-share", type=float, default=LOWRANK_SHARE,
                    help="saten(-aw) + target ratio: TT share of bytes")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
-    p.add_argument("--mask-group", choices=["auto", "layer", "row"], default="auto",
+    p.add_argument("--mask-group", choices=MASK_GROUPS, default="auto",
                    help="unstructured top-k over each layer or the same count per output row; auto: per row for "
                    "the activation-scored masks (wanda, saten-aw), per layer otherwise")
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")

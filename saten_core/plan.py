@@ -19,6 +19,7 @@ CALIB_TOKENS = 4096
 # shrinks from 0.5 to 0.05, for saten-aw and data-free saten, at 80% and 50% bytes (saten-aw median 0.213 ->
 # 0.074 at 80%); 0.05 is the smallest share measured and still leaves ranks ~12-22 for healing to train.
 LOWRANK_SHARE = 0.05
+MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per method in mask_group()
 
 
 @dataclass
@@ -121,8 +122,8 @@ class Plan:
             if self.density:
                 raise ValueError(f"target_ratio picks the density itself; drop density {self.density} from the "
                                  "plan (an override with pattern '*' fixes it)")
-        if self.mask_group not in ("auto", *GROUPS):
-            raise ValueError(f"unknown mask_group {self.mask_group!r}; expected auto, {', '.join(GROUPS)}")
+        if self.mask_group not in MASK_GROUPS:
+            raise ValueError(f"unknown mask_group {self.mask_group!r}; expected one of {', '.join(MASK_GROUPS)}")
         if not (0.0 < self.lowrank_share <= 1.0):
             raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
         for name in ("include", "exclude"):

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from saten_core.spec import GROUPS
+
 STRUCTURES = ("unstructured", "2:4")
 FORMATS = ("index", "bitmask", "nm")  # int32 flat indices, packed bitmask, 2-bit N:M positions
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -40,8 +42,8 @@ def topk_mask(scores: Tensor, density: float, group: str = "layer") -> Tensor:
         if k:
             mask.scatter_(0, torch.topk(scores.float(), k, dim=0, sorted=False).indices, True)
         return mask
-    if group != "layer":
-        raise ValueError(f"unknown group {group!r}; expected layer or row")
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; expected one of {', '.join(GROUPS)}")
     k = round(density * scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
