@@ -182,7 +182,7 @@ def entry_energy_profile(weight: torch.Tensor) -> dict:
     """
     out_f, in_f = weight.shape
     rows = torch.linspace(0, out_f - 1, steps=min(out_f, max(1, _SAMPLE_ENTRIES // in_f))).long()
-    sample = weight.detach()[rows].to(torch.float64)  # (k, in)
+    sample = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)  # (k, in); numpy below needs host
     sq = sample.flatten() ** 2
     total = float(sq.sum())
     cum = torch.cumsum(torch.sort(sq, descending=True).values, 0).numpy()

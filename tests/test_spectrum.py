@@ -144,3 +144,12 @@ def test_cli_bad_model_and_unwritable_out_exit_2(tiny_llama_dir, tmp_path, capsy
     assert main(["spectrum", "--model", str(tiny_llama_dir), "--json", str(bad_out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a lent GPU machine)")
+def test_entry_energy_profile_of_a_cuda_weight_matches_cpu():
+    """Found by bench/gpu_check.sh on an H200: allocation on CUDA called numpy() on a device tensor."""
+    w = torch.randn(96, 64)
+    cpu, cuda = S.entry_energy_profile(w), S.entry_energy_profile(w.cuda())
+    np.testing.assert_allclose(cuda["entry_energy"], cpu["entry_energy"], rtol=1e-6)
+    assert cuda["entry_energy_2to4"] == pytest.approx(cpu["entry_energy_2to4"], rel=1e-6)
