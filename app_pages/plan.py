@@ -7,6 +7,9 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.plan import (
+    FIT_ROUNDS,
+    JOINT_SHARE,
+    LOWRANK_SHARE,
     MASK_GROUPS,
     Override,
     Plan,
@@ -16,7 +19,7 @@ from saten_core.plan import (
     predicted_model_bytes,
     ratio_for_model_bytes,
 )
-from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES
+from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES, storage_method
 from studio_ui import (
     PLAN_KEY,
     human_bytes,
@@ -50,7 +53,9 @@ def load_recipe() -> None:
         return
     mode = "Target budget" if plan.target_ratio else "Error bound" if plan.eps else "Rank and density"
     st.session_state.update(plan_method=plan.method, plan_structure=plan.structure, plan_mode=mode,
-                            plan_density=plan.density, plan_share=plan.lowrank_share, plan_group=plan.mask_group,
+                            plan_density=plan.density, plan_share_auto=plan.lowrank_share is None,
+                            plan_share=plan.lowrank_share or LOWRANK_SHARE, plan_group=plan.mask_group,
+                            plan_rounds="auto" if plan.fit_rounds is None else plan.fit_rounds,
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
     st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps)
     if plan.target_ratio:
@@ -113,7 +118,14 @@ group = c2.radio("Unstructured top-k per", MASK_GROUPS, horizontal=True, key="pl
                  disabled=structure == "2:4", help="keep the largest scores of the whole layer, or the same count "
                  "in every output row; auto = per row for Wanda and activation-aware Saten (the Wanda paper's "
                  "rule, measured better here), per layer otherwise")
-settings: dict = {"method": method, "structure": structure, "mask_group": group}
+rounds_options = sorted({0, 1, 2, 4, 8, 16, 32, FIT_ROUNDS} | ({st.session_state.get("plan_rounds")} - {None, "auto"}))
+rounds = c1.selectbox("Joint TT + sparse rounds", ["auto", *rounds_options], key="plan_rounds",
+                      disabled=storage_method(method) != "saten",
+                      help=f"saten / saten-aw: after the one-shot split, refit the TT part to W - S and re-choose the "
+                      f"mask on W - TT; the best round is kept. auto = {FIT_ROUNDS} for saten-aw, 0 for saten. Slower "
+                      "to compress (each round is another TT-SVD per layer); measured in docs/BENCHMARKS.md")
+settings: dict = {"method": method, "structure": structure, "mask_group": group,
+                  "fit_rounds": None if rounds == "auto" or storage_method(method) != "saten" else rounds}
 if mode == "Target budget":
     unit = s1.radio("Budget as", ["Share of block-linear bytes", "Whole-model size"], horizontal=True,
                     key="plan_budget_unit")
@@ -127,10 +139,11 @@ if mode == "Target budget":
     else:
         settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
                                              key="plan_target")
-    settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.01, 1.0,
-                                          Plan().lowrank_share, 0.01, key="plan_share",
-                                          help="default from bench_activation: output error falls as the share "
-                                          "falls (docs/benchmarks/activation.md)")
+    if not s2.toggle("Measured default TT share", True, key="plan_share_auto",
+                     help=f"{JOINT_SHARE} of each layer's bytes for saten-aw with joint rounds, {LOWRANK_SHARE} "
+                     "otherwise (docs/benchmarks/activation.md, docs/BENCHMARKS.md)"):
+        settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.01, 1.0,
+                                              LOWRANK_SHARE, 0.01, key="plan_share")
     ready = spectra_if_ready(model_ref()) is not None
     s1.button("Allocate per layer for this budget", on_click=allocate, args=(dict(settings),), disabled=not ready,
               key="plan_allocate", help="needs the all-layer spectra (Spectrum page)" if not ready else

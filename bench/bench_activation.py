@@ -42,7 +42,7 @@ def measure(loaded, layers, fit, test, ratio: float, method: str, share: float |
     """Median / mean held-out output error over the layers for one (method, ratio, share)."""
     from saten_core.plan import Plan
 
-    plan = Plan(method=method, target_ratio=ratio, **({} if share is None else {"lowrank_share": share}))
+    plan = Plan(method=method, target_ratio=ratio, fit_rounds=0, **({} if share is None else {"lowrank_share": share}))
     errs, nbytes = [], 0
     for name, lin in layers:
         err, b = layer_error(lin, plan, name, fit[name], test[name].second_moment())

@@ -63,7 +63,8 @@ def main() -> None:
         lin, row = lins[name], {"ratio": args.ratio, "layer": name}
         w, c_cal, c_held = lin.weight.detach(), cal[name].second_moment(), held[name].second_moment()
         for method, share in VARIANTS:
-            plan = Plan(method=method, target_ratio=args.ratio, **({"lowrank_share": share} if share else {}))
+            plan = Plan(method=method, target_ratio=args.ratio, fit_rounds=0,  # one shot, as recorded
+                        **({"lowrank_share": share} if share else {}))
             layer = SatenLinear.from_linear(lin, layer_spec(plan, name, lin.in_features, lin.out_features, w.dtype),
                                             stats=cal[name])
             key = method + (f"@{share}" if share else "")

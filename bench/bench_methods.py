@@ -46,6 +46,8 @@ def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dic
                 heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every, mask_group=args.mask_group)
     if args.lowrank_share is not None:
         plan = replace(plan, lowrank_share=args.lowrank_share)
+    if args.fit_rounds is not None and method in ("saten", "saten-aw"):
+        plan = replace(plan, fit_rounds=args.fit_rounds)
     loaded = copy.copy(base)
     if args.allocate:  # per-layer budgets from allocate_plan (weights' spectra, size-weighted objective)
         from saten_core.allocate import allocate_plan
@@ -108,6 +110,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--heal-eval-tokens", type=int, default=1024)
     ap.add_argument("--heal-eval-every", type=int, default=10)
     ap.add_argument("--lowrank-share", type=float, default=None, help="default: the plan's default")
+    ap.add_argument("--fit-rounds", type=int, default=None,
+                    help="saten(-aw) joint TT + sparse rounds (default: the plan's, plan.fit_rounds())")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--allocate", action="store_true", help="allocated per-layer plans instead of uniform ones")
     ap.add_argument("--mask-group", default="auto", choices=MASK_GROUPS,
@@ -131,7 +135,8 @@ def main() -> None:
         for method, structure in rows:
             if any(d["method"] == method and d["structure"] == structure and d["ratio"] == ratio
                    and d.get("allocated", False) == args.allocate
-                   and d.get("plan", {}).get("mask_group", "auto") == args.mask_group for d in done):
+                   and d.get("plan", {}).get("mask_group", "auto") == args.mask_group
+                   and d.get("plan", {}).get("fit_rounds") == args.fit_rounds for d in done):
                 continue
             row = run_row(base, stats, method, structure, ratio, args)
             done.append(row)

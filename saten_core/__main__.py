@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from saten_core.plan import LOWRANK_SHARE, MASK_GROUPS
+from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, LOWRANK_SHARE, MASK_GROUPS
 from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
@@ -93,7 +93,7 @@ def plan_from_args(args: argparse.Namespace):
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
                 lowrank_share=args.lowrank_share, order=args.order, mask_group=args.mask_group,
-                overrides=overrides)
+                fit_rounds=args.fit_rounds, overrides=overrides)
     plan = with_calibration_args(plan, args)
     plan.validate()
     return plan
@@ -286,12 +286,16 @@ def add_plan_parser(sub) -> None:
     size.add_argument("--rank", type=int, help="cap on every TT bond (svd: the matrix rank)")
     size.add_argument("--eps", type=float, help="TT-SVD relative error bound")
     p.add_argument("--density", type=float, help="fraction of residual (saten) / weights (prune) kept")
-    p.add_argument("--lowrank-share", type=float, default=LOWRANK_SHARE,
-                   help="saten(-aw) + target ratio: TT share of bytes")
+    p.add_argument("--lowrank-share", type=float, default=None,
+                   help=f"saten(-aw) + target ratio: TT share of bytes (default: {JOINT_SHARE} for saten-aw with "
+                   f"joint rounds, {LOWRANK_SHARE} otherwise)")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
     p.add_argument("--mask-group", choices=MASK_GROUPS, default="auto",
                    help="unstructured top-k over each layer or the same count per output row; auto: per row for "
                    "the activation-scored masks (wanda, saten-aw), per layer otherwise")
+    p.add_argument("--fit-rounds", type=int, default=None,
+                   help="saten / saten-aw: joint TT + sparse rounds after the one-shot split (default: "
+                   f"{FIT_ROUNDS} for saten-aw, 0 for saten)")
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
     p.add_argument("--allocate-spectra", choices=["weights", "whitened"], default="weights",
                    help="what --allocate predicts errors from: the weights' spectra (default) or, for "

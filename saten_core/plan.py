@@ -19,7 +19,12 @@ CALIB_TOKENS = 4096
 # shrinks from 0.5 to 0.05, for saten-aw and data-free saten, at 80% and 50% bytes (saten-aw median 0.213 ->
 # 0.074 at 80%); 0.05 is the smallest share measured and still leaves ranks ~12-22 for healing to train.
 LOWRANK_SHARE = 0.05
+# The same share for saten-aw with joint fitting (fit_rounds > 0): refitting the TT part to W - S lets a larger
+# TT part pay (see lowrank_share() for the data).
+JOINT_SHARE = 0.2
 MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per method in mask_group()
+# Joint TT + sparse rounds for saten-aw when the plan leaves fit_rounds unset (see fit_rounds() for the data).
+FIT_ROUNDS = 8
 
 
 @dataclass
@@ -59,9 +64,10 @@ class Plan:
     eps: float | None = None  # TT-SVD relative error bound (alternative to rank)
     density: float = 0.0  # fraction of residual (saten) or weight (prune) entries kept
     target_ratio: float | None = None  # fraction of each layer's dense bytes to keep; picks rank/density
-    lowrank_share: float = LOWRANK_SHARE  # saten(-aw) + target_ratio: share of the kept bytes given to the TT part
+    lowrank_share: float | None = None  # saten(-aw) + target_ratio: TT share of kept bytes; None: lowrank_share()
     order: int = 2  # modes per side of the tensorisation (svd always uses 1)
     mask_group: str = "auto"  # unstructured top-k per "layer" or per output "row"; auto: see mask_group()
+    fit_rounds: int | None = None  # saten(-aw): joint TT + sparse rounds after the one-shot split; None: fit_rounds()
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
@@ -98,6 +104,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         _reject_unknown(d, cls, "plan")
         d = dict(d)
+        d.setdefault("fit_rounds", 0)  # plans saved before joint fitting existed were one-shot: keep them so
         overrides = d.pop("overrides", [])
         if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
             raise ValueError(f"plan overrides must be a list of objects, got {overrides!r}")
@@ -124,8 +131,15 @@ class Plan:
                                  "plan (an override with pattern '*' fixes it)")
         if self.mask_group not in MASK_GROUPS:
             raise ValueError(f"unknown mask_group {self.mask_group!r}; expected one of {', '.join(MASK_GROUPS)}")
-        if not (0.0 < self.lowrank_share <= 1.0):
+        if self.lowrank_share is not None and (isinstance(self.lowrank_share, bool)
+                                               or not isinstance(self.lowrank_share, int | float)
+                                               or not 0.0 < self.lowrank_share <= 1.0):
             raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
+        if self.fit_rounds is not None:
+            _check_int("fit_rounds", self.fit_rounds, 0)
+            if self.fit_rounds and storage_method(self.method) != "saten":
+                raise ValueError(f"fit_rounds {self.fit_rounds} needs a TT part and a sparse part (saten, saten-aw); "
+                                 f"method {self.method!r} has not both")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -211,7 +225,26 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
     if plan.structure == "2:4" and kind in ("saten", "prune"):
         density = 0.5
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order,
-                     group=mask_group(plan))
+                     group=mask_group(plan), fit_rounds=fit_rounds(plan))
+
+
+def lowrank_share(plan: Plan) -> float:
+    """The TT part's share of a layer's kept bytes: the plan's, else JOINT_SHARE for jointly fitted saten-aw and
+    LOWRANK_SHARE otherwise (one-shot splits measured best at the smallest share)."""
+    if plan.lowrank_share is not None:
+        return plan.lowrank_share
+    return JOINT_SHARE if plan.method == "saten-aw" and fit_rounds(plan) > 0 else LOWRANK_SHARE
+
+
+def fit_rounds(plan: Plan) -> int:
+    """Joint TT + sparse rounds a plan's layers get: its fit_rounds, else FIT_ROUNDS for saten-aw and 0 otherwise.
+
+    Why 0 for data-free saten: its one-shot split is the Saten paper's rule, and the plan preview and allocator
+    predict one-shot errors (issue 3's accuracy was measured that way).
+    """
+    if plan.fit_rounds is not None:
+        return plan.fit_rounds
+    return FIT_ROUNDS if plan.method == "saten-aw" else 0
 
 
 def mask_group(plan: Plan) -> str:
@@ -276,7 +309,7 @@ def _fit_budget(plan: Plan, base: LayerSpec, override: Override | None, n_in: in
     """Pick the free rank / density so predict_bytes fits target_ratio * dense bytes (largest that fits)."""
     rank_fixed = override is not None and (override.rank is not None or override.eps is not None)
     density_fixed = (override is not None and override.density is not None) or plan.structure == "2:4"
-    return _fit_cached(base, plan.target_ratio, plan.lowrank_share, rank_fixed, density_fixed, n_in, n_out, dtype)
+    return _fit_cached(base, plan.target_ratio, lowrank_share(plan), rank_fixed, density_fixed, n_in, n_out, dtype)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -39,6 +39,7 @@ class LayerSpec:
     structure: str = "unstructured"  # or "2:4" along the input dimension
     order: int = 2  # modes per side of the tensorisation
     group: str = "layer"  # unstructured top-k over the whole layer, or the same count in every output row
+    fit_rounds: int = 0  # joint fitting after the one-shot split: TT refit on W - S, mask re-chosen on W - TT
 
     def validate(self, in_features: int | None = None, out_features: int | None = None) -> None:
         """Raise ValueError naming the first bad value."""
@@ -56,6 +57,8 @@ class LayerSpec:
             raise ValueError(f"unknown group {self.group!r}; expected one of {', '.join(GROUPS)}")
         if self.order < 1:
             raise ValueError(f"order must be >= 1, got {self.order!r}")
+        if isinstance(self.fit_rounds, bool) or not isinstance(self.fit_rounds, int) or self.fit_rounds < 0:
+            raise ValueError(f"fit_rounds must be an integer >= 0, got {self.fit_rounds!r}")
         if in_features is not None and out_features is not None:
             self._validate_shape(in_features, out_features)
 

@@ -108,7 +108,8 @@ def test_target_ratio_resolves_like_the_data_free_twin(method, twin):
 
     for structure in ("unstructured", "2:4") if twin != "svd" else ("unstructured",):
         for group in ("layer", "row"):  # the same top-k group; "auto" differs (row for wanda / saten-aw)
-            args = dict(target_ratio=0.6, lowrank_share=0.3, structure=structure, mask_group=group)
+            args = dict(target_ratio=0.6, lowrank_share=0.3, structure=structure, mask_group=group,
+                        **({"fit_rounds": 2} if twin == "saten" else {}))  # the default rounds differ by method
             aware = layer_spec(Plan(method=method, **args), "x", 576, 1536, torch.float32)
             free = layer_spec(Plan(method=twin, **args), "x", 576, 1536, torch.float32)
             assert aware.to_dict() == dict(free.to_dict(), method=method)

@@ -162,7 +162,23 @@ def test_plan_page_defaults_follow_the_library_plan(tiny_llama_dir):
     """The page starts from the measured library defaults, not its own guesses."""
     at = page("app_pages/plan.py", model=str(tiny_llama_dir))
     no_exception(at)
-    assert at.slider(key="plan_share").value == Plan().lowrank_share
+    assert at.toggle(key="plan_share_auto").value is True
+    assert at.selectbox(key="plan_rounds").value == "auto"
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert plan.lowrank_share is None and plan.fit_rounds is None
+
+
+def test_plan_rounds_and_share_reach_the_plan(tiny_llama_dir):
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_method="saten-aw")
+    at.selectbox(key="plan_rounds").set_value(4).run()
+    at.toggle(key="plan_share_auto").set_value(False).run()
+    at.slider(key="plan_share").set_value(0.3).run()
+    no_exception(at)
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert (plan.fit_rounds, plan.lowrank_share) == (4, 0.3)
+    at.selectbox(key="plan_method").set_value("wanda").run()  # no TT part: the rounds do not apply
+    no_exception(at)
+    assert Plan.from_json(at.session_state[PLAN_KEY]).fit_rounds is None
 
 
 def test_plan_mask_group_reaches_the_plan_and_the_bytes(tiny_llama_dir):
