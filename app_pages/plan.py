@@ -9,6 +9,7 @@ from saten_core import charts
 from saten_core.plan import (
     FIT_ROUNDS,
     JOINT_SHARE,
+    JOINT_SHARE_MAX_RATIO,
     LOWRANK_SHARE,
     MASK_GROUPS,
     Override,
@@ -140,8 +141,8 @@ if mode == "Target budget":
         settings["target_ratio"] = s1.slider("Keep this share of block-linear bytes", 0.05, 1.0, 0.8, 0.01,
                                              key="plan_target")
     if not s2.toggle("Measured default TT share", True, key="plan_share_auto",
-                     help=f"{JOINT_SHARE} of each layer's bytes for saten-aw with joint rounds, {LOWRANK_SHARE} "
-                     "otherwise (docs/benchmarks/activation.md, docs/BENCHMARKS.md)"):
+                     help=f"{JOINT_SHARE} of each layer's bytes for saten-aw with joint rounds at budgets up to "
+                     f"{JOINT_SHARE_MAX_RATIO:.0%}, {LOWRANK_SHARE} otherwise (docs/BENCHMARKS.md)"):
         settings["lowrank_share"] = s2.slider("Share of a layer's bytes for the TT part (saten)", 0.01, 1.0,
                                               LOWRANK_SHARE, 0.01, key="plan_share")
     ready = spectra_if_ready(model_ref()) is not None

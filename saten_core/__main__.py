@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, LOWRANK_SHARE, MASK_GROUPS
+from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, MASK_GROUPS
 from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
@@ -288,7 +288,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--density", type=float, help="fraction of residual (saten) / weights (prune) kept")
     p.add_argument("--lowrank-share", type=float, default=None,
                    help=f"saten(-aw) + target ratio: TT share of bytes (default: {JOINT_SHARE} for saten-aw with "
-                   f"joint rounds, {LOWRANK_SHARE} otherwise)")
+                   f"joint rounds at target ratios up to {JOINT_SHARE_MAX_RATIO}, {LOWRANK_SHARE} otherwise)")
     p.add_argument("--order", type=int, default=2, help="modes per side of the tensorisation")
     p.add_argument("--mask-group", choices=MASK_GROUPS, default="auto",
                    help="unstructured top-k over each layer or the same count per output row; auto: per row for "

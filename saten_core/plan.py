@@ -19,9 +19,10 @@ CALIB_TOKENS = 4096
 # shrinks from 0.5 to 0.05, for saten-aw and data-free saten, at 80% and 50% bytes (saten-aw median 0.213 ->
 # 0.074 at 80%); 0.05 is the smallest share measured and still leaves ranks ~12-22 for healing to train.
 LOWRANK_SHARE = 0.05
-# The same share for saten-aw with joint fitting (fit_rounds > 0): refitting the TT part to W - S lets a larger
-# TT part pay (see lowrank_share() for the data).
+# The same share for saten-aw with joint fitting (fit_rounds > 0) at budgets up to JOINT_SHARE_MAX_RATIO:
+# refitting the TT part to W - S lets a larger TT part pay when the budget is tight (see lowrank_share()).
 JOINT_SHARE = 0.2
+JOINT_SHARE_MAX_RATIO = 0.65
 MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per method in mask_group()
 # Joint TT + sparse rounds for saten-aw when the plan leaves fit_rounds unset (see fit_rounds() for the data).
 FIT_ROUNDS = 8
@@ -229,11 +230,19 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
 
 
 def lowrank_share(plan: Plan) -> float:
-    """The TT part's share of a layer's kept bytes: the plan's, else JOINT_SHARE for jointly fitted saten-aw and
-    LOWRANK_SHARE otherwise (one-shot splits measured best at the smallest share)."""
+    """The TT part's share of a layer's kept bytes: the plan's, else a measured default.
+
+    Why two defaults: one-shot splits measured best at the smallest share (LOWRANK_SHARE) at 80% and 50% of the
+    bytes. Jointly fitted saten-aw measured best at 0.2 at 50% of the bytes. There its held-out output error was
+    below Wanda's on 6 of 9 layers after 5 rounds (every down_proj behind) and on 4 of 5 after 19 rounds (v_proj
+    behind). At 80% it was best at 0.05 (bench_joint_fit.py, docs/BENCHMARKS.md). Only those two budgets were
+    measured, so the switch sits at their midpoint (JOINT_SHARE_MAX_RATIO).
+    """
     if plan.lowrank_share is not None:
         return plan.lowrank_share
-    return JOINT_SHARE if plan.method == "saten-aw" and fit_rounds(plan) > 0 else LOWRANK_SHARE
+    joint = plan.method == "saten-aw" and fit_rounds(plan) > 0
+    tight = plan.target_ratio is not None and plan.target_ratio <= JOINT_SHARE_MAX_RATIO
+    return JOINT_SHARE if joint and tight else LOWRANK_SHARE
 
 
 def fit_rounds(plan: Plan) -> int:

@@ -101,6 +101,31 @@ def test_layer_spec_without_rounds_field_loads_as_one_shot():
     assert LayerSpec.from_dict({"method": "saten", "rank": 4, "density": 0.1}).fit_rounds == 0
 
 
+def test_default_tt_share_follows_method_rounds_and_budget():
+    from saten_core.plan import JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, lowrank_share
+
+    tight, loose = JOINT_SHARE_MAX_RATIO - 0.15, JOINT_SHARE_MAX_RATIO + 0.15
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=tight)) == JOINT_SHARE
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=loose)) == LOWRANK_SHARE
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=tight, fit_rounds=0)) == LOWRANK_SHARE
+    assert lowrank_share(Plan(method="saten", target_ratio=tight)) == LOWRANK_SHARE
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=tight, lowrank_share=0.4)) == 0.4
+    spec = layer_spec(Plan(method="saten-aw", target_ratio=tight), "x", 576, 1536, torch.float32)
+    shared = layer_spec(Plan(method="saten-aw", target_ratio=tight, lowrank_share=JOINT_SHARE), "x", 576, 1536,
+                        torch.float32)
+    assert spec == shared
+
+
+def test_legacy_plan_json_without_rounds_stays_one_shot():
+    """A plan saved before joint fitting existed reproduces the model it made: no rounds, its own share."""
+    import json
+
+    legacy = json.loads(Plan(method="saten-aw", target_ratio=0.5, lowrank_share=0.05).to_json())
+    del legacy["fit_rounds"]
+    plan = Plan.from_dict(legacy)
+    assert fit_rounds(plan) == 0 and plan.lowrank_share == 0.05
+
+
 def test_plan_rounds_default_per_method_and_round_trip():
     assert fit_rounds(Plan(method="saten-aw", target_ratio=0.5)) == FIT_ROUNDS
     assert fit_rounds(Plan(method="saten", target_ratio=0.5)) == 0
