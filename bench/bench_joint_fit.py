@@ -17,13 +17,10 @@ import argparse
 import json
 
 import torch
-from bench_layer_refit import out_err
+from bench_layer_refit import add_layer_args, layers_with_stats, out_err
 
-from saten_core.build import collect_stats
 from saten_core.calibrate import whitening_factor
 from saten_core.layer import SatenLinear, _modes
-from saten_core.models import linear_layers, load_model
-from saten_core.pipeline import held_out_text
 from saten_core.plan import Plan, layer_spec
 from saten_core.sparse import topk_mask
 from saten_core.tt import tt_factor_pair
@@ -50,17 +47,11 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.2, 0.35, 0.5])
-    ap.add_argument("--blocks", type=int, nargs="+", default=[3, 15, 26])
-    ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"])
+    add_layer_args(ap)
     ap.add_argument("--checkpoints", type=int, nargs="*", default=None, help="rounds to report (default: all)")
     ap.add_argument("--out", default="joint_fit.jsonl")
     args = ap.parse_args()
-    torch.set_grad_enabled(False)
-    base = load_model("smollm2-135m", device="cpu")
-    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
-    sel = Plan(method="saten-aw", target_ratio=args.ratio, include=names)
-    cal, held = collect_stats(base, sel), collect_stats(base, sel, held_out_text(None))
-    lins = dict(linear_layers(base.model))
+    names, cal, held, lins = layers_with_stats(args)
     for name in names:
         lin, held_c = lins[name], held[name].second_moment()
         dims = (lin.in_features, lin.out_features, lin.weight.dtype)

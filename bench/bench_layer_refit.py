@@ -46,19 +46,29 @@ def refit(layer: SatenLinear, wt: torch.Tensor, c: torch.Tensor, damp: float = 1
     return (lowrank + s).mT.float()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratio", type=float, default=0.8)
+def add_layer_args(ap: argparse.ArgumentParser) -> None:
+    """The layers a per-layer bench measures: blocks x module names of smollm2-135m."""
     ap.add_argument("--blocks", type=int, nargs="+", default=[3, 15, 26])
     ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"])
-    ap.add_argument("--out", default="layer_refit.jsonl")
-    args = ap.parse_args()
+
+
+def layers_with_stats(args) -> tuple[list[str], dict, dict, dict]:
+    """(names, calibration stats, held-out stats, name -> nn.Linear) of the chosen smollm2-135m layers."""
     torch.set_grad_enabled(False)
     base = load_model("smollm2-135m", device="cpu")
     names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
     sel = Plan(method="saten-aw", target_ratio=args.ratio, include=names)
     cal, held = collect_stats(base, sel), collect_stats(base, sel, held_out_text(None))
-    lins = dict(linear_layers(base.model))
+    return names, cal, held, dict(linear_layers(base.model))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.8)
+    add_layer_args(ap)
+    ap.add_argument("--out", default="layer_refit.jsonl")
+    args = ap.parse_args()
+    names, cal, held, lins = layers_with_stats(args)
     for name in names:
         lin, row = lins[name], {"ratio": args.ratio, "layer": name}
         w, c_cal, c_held = lin.weight.detach(), cal[name].second_moment(), held[name].second_moment()
