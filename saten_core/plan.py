@@ -24,8 +24,10 @@ LOWRANK_SHARE = 0.05
 JOINT_SHARE = 0.2
 JOINT_SHARE_MAX_RATIO = 0.65
 MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per method in mask_group()
-# Joint TT + sparse rounds for saten-aw when the plan leaves fit_rounds unset (see fit_rounds() for the data).
-FIT_ROUNDS = 8
+# Joint TT + sparse rounds for saten-aw when the plan leaves fit_rounds unset. 0 (one shot): at 50% of the bytes
+# 8 joint rounds beat Wanda before healing (17.19 vs 21.27) but healed worse (14.18 vs 11.45, docs/BENCHMARKS.md),
+# so joint fitting is opt-in (--fit-rounds N) until healing suits its larger TT cores.
+FIT_ROUNDS = 0
 
 
 @dataclass

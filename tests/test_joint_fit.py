@@ -105,14 +105,14 @@ def test_default_tt_share_follows_method_rounds_and_budget():
     from saten_core.plan import JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, lowrank_share
 
     tight, loose = JOINT_SHARE_MAX_RATIO - 0.15, JOINT_SHARE_MAX_RATIO + 0.15
-    assert lowrank_share(Plan(method="saten-aw", target_ratio=tight)) == JOINT_SHARE
-    assert lowrank_share(Plan(method="saten-aw", target_ratio=loose)) == LOWRANK_SHARE
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=tight, fit_rounds=4)) == JOINT_SHARE
+    assert lowrank_share(Plan(method="saten-aw", target_ratio=loose, fit_rounds=4)) == LOWRANK_SHARE
     assert lowrank_share(Plan(method="saten-aw", target_ratio=tight, fit_rounds=0)) == LOWRANK_SHARE
     assert lowrank_share(Plan(method="saten", target_ratio=tight)) == LOWRANK_SHARE
     assert lowrank_share(Plan(method="saten-aw", target_ratio=tight, lowrank_share=0.4)) == 0.4
-    spec = layer_spec(Plan(method="saten-aw", target_ratio=tight), "x", 576, 1536, torch.float32)
-    shared = layer_spec(Plan(method="saten-aw", target_ratio=tight, lowrank_share=JOINT_SHARE), "x", 576, 1536,
-                        torch.float32)
+    spec = layer_spec(Plan(method="saten-aw", target_ratio=tight, fit_rounds=4), "x", 576, 1536, torch.float32)
+    shared = layer_spec(Plan(method="saten-aw", target_ratio=tight, lowrank_share=JOINT_SHARE, fit_rounds=4), "x",
+                        576, 1536, torch.float32)
     assert spec == shared
 
 
