@@ -120,13 +120,14 @@ group = c2.radio("Unstructured top-k per", MASK_GROUPS, horizontal=True, key="pl
                  "in every output row; auto = per row for Wanda and activation-aware Saten (the Wanda paper's "
                  "rule, measured better here), per layer otherwise")
 rounds_options = sorted({0, 1, 2, 4, 8, 16, 32, FIT_ROUNDS} | ({st.session_state.get("plan_rounds")} - {None, "auto"}))
+has_tt_and_sparse = storage_method(method) == "saten"
 rounds = c1.selectbox("Joint TT + sparse rounds", ["auto", *rounds_options], key="plan_rounds",
-                      disabled=storage_method(method) != "saten",
-                      help=f"saten / saten-aw: after the one-shot split, refit the TT part to W - S and re-choose the "
-                      f"mask on W - TT; the best round is kept. auto = {FIT_ROUNDS} for saten-aw, 0 for saten. Slower "
+                      disabled=not has_tt_and_sparse,
+                      help="saten / saten-aw: after the one-shot split, refit the TT part to W - S and re-choose the "
+                      f"mask on W - TT; the best round is kept. auto = the library default ({FIT_ROUNDS}). Slower "
                       "to compress (each round is another TT-SVD per layer); measured in docs/BENCHMARKS.md")
 settings: dict = {"method": method, "structure": structure, "mask_group": group,
-                  "fit_rounds": None if rounds == "auto" or storage_method(method) != "saten" else rounds}
+                  "fit_rounds": rounds if has_tt_and_sparse and rounds != "auto" else None}
 if mode == "Target budget":
     unit = s1.radio("Budget as", ["Share of block-linear bytes", "Whole-model size"], horizontal=True,
                     key="plan_budget_unit")

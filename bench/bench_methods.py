@@ -27,6 +27,7 @@ from saten_core.evaluate import agreement, perplexity
 from saten_core.models import load_model
 from saten_core.pipeline import held_out_text
 from saten_core.plan import MASK_GROUPS, Plan
+from saten_core.spec import storage_method
 
 ROWS = [("svd", "unstructured"), ("tt", "unstructured"), ("prune", "unstructured"), ("prune", "2:4"),
         ("wanda", "unstructured"), ("wanda", "2:4"), ("svd-w", "unstructured"), ("saten", "unstructured"),
@@ -46,7 +47,7 @@ def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dic
                 heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every, mask_group=args.mask_group)
     if args.lowrank_share is not None:
         plan = replace(plan, lowrank_share=args.lowrank_share)
-    if args.fit_rounds is not None and method in ("saten", "saten-aw"):
+    if args.fit_rounds is not None and storage_method(method) == "saten":
         plan = replace(plan, fit_rounds=args.fit_rounds)
     loaded = copy.copy(base)
     if args.allocate:  # per-layer budgets from allocate_plan (weights' spectra, size-weighted objective)

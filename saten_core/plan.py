@@ -107,7 +107,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         _reject_unknown(d, cls, "plan")
         d = dict(d)
-        d.setdefault("fit_rounds", 0)  # plans saved before joint fitting existed were one-shot: keep them so
+        d.setdefault("fit_rounds", 0)  # plans saved before joint fitting existed were one-shot; they stay so
         overrides = d.pop("overrides", [])
         if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
             raise ValueError(f"plan overrides must be a list of objects, got {overrides!r}")
