@@ -113,7 +113,8 @@ def with_calibration_args(plan, args: argparse.Namespace):
     """The plan with the calibration / healing flags that were given replacing its fields (validated)."""
     from dataclasses import replace
 
-    given = {field: getattr(args, field, None) for field in ("calib_tokens", "heal_steps", "heal_lr")}
+    given = {field: getattr(args, field, None) for field in ("calib_tokens", "heal_steps", "heal_lr",
+                                                                 "heal_core_lr_scale")}
     changes = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "calib", None) is not None:
         changes["calib"] = calib_arg(args.calib)
@@ -307,14 +308,20 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+def float_above(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a number > minimum (>= with `inclusive`), or one line naming the bad value."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not (v >= minimum if inclusive else v > minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {s}")
+        return v
+    return parse
+
+
+positive_float, non_negative_float = float_above(0, inclusive=False), float_above(0, inclusive=True)
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -325,6 +332,8 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal-steps", type=non_negative_int, help="distillation fine-tune steps after compressing "
                                                                "(0: off)")
     p.add_argument("--heal-lr", type=positive_float, help="healing learning rate")
+    p.add_argument("--heal-core-lr-scale", type=non_negative_float,
+                   help="TT cores heal at the learning rate x this (default 1; 0 freezes them)")
 
 
 def add_run_parsers(sub) -> None:

@@ -47,7 +47,8 @@ def heal_config(plan: Plan) -> Any:
 
     return HealConfig(steps=plan.heal_steps, lr=plan.heal_lr, seq_len=plan.heal_seq_len,
                       batch_size=plan.heal_batch_size, tokens=plan.heal_tokens, eval_tokens=plan.heal_eval_tokens,
-                      eval_every=plan.heal_eval_every, lm_weight=plan.heal_lm_weight)
+                      eval_every=plan.heal_eval_every, lm_weight=plan.heal_lm_weight,
+                      core_lr_scale=plan.heal_core_lr_scale)
 
 
 def _count_tokens(tokenizer: Any, text: str) -> int:

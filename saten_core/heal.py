@@ -34,6 +34,7 @@ class HealConfig:
     eval_every: int = 10
     lm_weight: float = 0.0  # weight of the next-token cross-entropy added to the KL loss
     seed: int = 0
+    core_lr_scale: float = 1.0  # TT cores train at lr x this (kept values at lr); 0 freezes the cores
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "tokens", "eval_tokens", "eval_every"):
@@ -43,6 +44,8 @@ class HealConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lm_weight < 0:
             raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight}")
+        if not self.core_lr_scale >= 0:
+            raise ValueError(f"core_lr_scale must be >= 0, got {self.core_lr_scale}")
 
 
 @dataclass
@@ -57,20 +60,33 @@ class HealResult:
         return asdict(self)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze the compressed layers' parameters except their biases."""
+def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the compressed layers' kept values and (with `cores`) TT cores."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
     for module in model.modules():
         if type(module).__name__ == "SatenLinear":
             for name, p in module.named_parameters():
-                if not name.endswith("bias"):
+                if name == "values" or (cores and name.startswith("cores.")):
                     p.requires_grad_(True)
                     params.append(p)
     if not params:
         raise ValueError("the model has no compressed (SatenLinear) layers to heal")
     return params
+
+
+def param_groups(params: list[nn.Parameter], model: nn.Module, cfg: HealConfig) -> list[dict]:
+    """Optimizer groups: kept values at cfg.lr, TT cores at cfg.lr x cfg.core_lr_scale.
+
+    Why: a TT core's update moves every entry of the layer's weight at once, while a kept value moves one, so
+    the two may want different step sizes (docs/BENCHMARKS.md, "healing the TT cores").
+    """
+    core_ids = {id(p) for m in model.modules() if type(m).__name__ == "SatenLinear" for p in m.cores}
+    cores = [p for p in params if id(p) in core_ids]
+    rest = [p for p in params if id(p) not in core_ids]
+    groups = [{"params": rest, "lr": cfg.lr}] if rest else []
+    return groups + ([{"params": cores, "lr": cfg.lr * cfg.core_lr_scale}] if cores else [])
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
@@ -114,11 +130,11 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, train_text: str, eva
     """
     cfg.validate()
     device = next(student.parameters()).device
-    params = trainable_parameters(student)
+    params = trainable_parameters(student, cores=cfg.core_lr_scale > 0)
     teacher.eval().requires_grad_(False)
     train = _batches(token_windows(tokenizer, train_text, cfg.tokens, cfg.seq_len), cfg)
     held = token_windows(tokenizer, eval_text, cfg.eval_tokens, cfg.seq_len)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(params, student, cfg), lr=cfg.lr, weight_decay=0.0)
     result = HealResult()
     best = _snapshot(params)
     result.best_eval = _eval_kl(student, teacher, held, device)

@@ -87,6 +87,7 @@ class Plan:
     heal_eval_tokens: int = 2048  # held-out calibration tokens that pick the best checkpoint
     heal_eval_every: int = 10
     heal_lm_weight: float = 0.0  # weight of next-token cross-entropy added to the KL loss
+    heal_core_lr_scale: float = 1.0  # TT cores heal at heal_lr x this; 0 freezes them (kept values only)
 
     def needs_calibration(self) -> bool:
         """True when compressing needs a calibration text: an activation-aware method or healing."""
@@ -166,6 +167,9 @@ class Plan:
         if isinstance(self.heal_lm_weight, bool) or not isinstance(self.heal_lm_weight, int | float) \
                 or not self.heal_lm_weight >= 0:
             raise ValueError(f"heal_lm_weight must be >= 0, got {self.heal_lm_weight!r}")
+        if isinstance(self.heal_core_lr_scale, bool) or not isinstance(self.heal_core_lr_scale, int | float) \
+                or not self.heal_core_lr_scale >= 0:
+            raise ValueError(f"heal_core_lr_scale must be >= 0, got {self.heal_core_lr_scale!r}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

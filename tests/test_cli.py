@@ -129,11 +129,22 @@ def plan_file(tmp_path: Path, **fields) -> Path:
     (["--method", "svd", "--target-ratio", "1.5"], "1.5"),
     (["--method", "zap", "--rank", "2"], "zap"),
     (["--method", "saten"], "--target-ratio"),
+    (["--method", "saten", "--rank", "2", "--heal-core-lr-scale", "-1"], "-1"),
+    (["--method", "saten", "--rank", "2", "--heal-lr", "0"], "0"),
 ])
 def test_plan_bad_numbers(tiny_llama_dir, tmp_path, args, word):
     out = tmp_path / "plan.json"
     assert_bad_input(cli("plan", "--model", tiny_llama_dir, *args, "--out", out), word)
     assert not out.exists()
+
+
+def test_plan_heal_core_lr_scale_lands_in_the_plan(tiny_llama_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--rank", "2", "--density", "0.1",
+               "--heal-steps", "4", "--heal-core-lr-scale", "0", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(out.read_text())
+    assert (plan["heal_steps"], plan["heal_core_lr_scale"]) == (4, 0.0)
 
 
 def test_plan_unknown_model(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saten_core.corpus import default_text, split_text
-from saten_core.heal import HealConfig, heal, trainable_parameters
+from saten_core.heal import HealConfig, heal, param_groups, trainable_parameters
 from saten_core.layer import SatenLinear, mask_of
 from saten_core.spec import LayerSpec
 
@@ -53,3 +53,33 @@ def test_heal_config_validation():
         HealConfig(steps=0).validate()
     with pytest.raises(ValueError, match="lr"):
         HealConfig(lr=0).validate()
+    with pytest.raises(ValueError, match="core_lr_scale"):
+        HealConfig(core_lr_scale=-0.1).validate()
+
+
+def test_core_lr_scale_zero_freezes_cores_and_still_heals_values(tiny_llama_dir):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    student = _compress(copy.deepcopy(teacher))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    calib, held = split_text(default_text())
+    cores = {k: v.clone() for k, v in student.state_dict().items() if "cores" in k}
+    values = {k: v.clone() for k, v in student.state_dict().items() if k.endswith("values")}
+    cfg = HealConfig(steps=20, lr=3e-3, seq_len=64, batch_size=4, tokens=4096, eval_tokens=512, eval_every=5,
+                     core_lr_scale=0.0)
+    result = heal(student, teacher, tok, calib, held, cfg)
+    assert result.best_eval < result.eval_curve[0][1], result.eval_curve
+    after = student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in cores.items())
+    assert any(not torch.equal(after[k], v) for k, v in values.items())
+
+
+def test_param_groups_give_cores_the_scaled_lr(tiny_llama_dir):
+    student = _compress(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    params = trainable_parameters(student)
+    groups = param_groups(params, student, HealConfig(lr=1e-3, core_lr_scale=0.25))
+    layers = [m for m in student.modules() if isinstance(m, SatenLinear)]
+    assert [g["lr"] for g in groups] == [1e-3, 2.5e-4]
+    assert {id(p) for p in groups[0]["params"]} == {id(m.values) for m in layers}
+    assert {id(p) for p in groups[1]["params"]} == {id(c) for m in layers for c in m.cores}
+    assert len(trainable_parameters(student, cores=False)) == len(layers)

@@ -6,10 +6,12 @@ Run: .venv/bin/python -m pytest -q tests/test_plan.py
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from saten_core.build import heal_config
 from saten_core.plan import Override, Plan, dense_weight_bytes, dry_run, dry_run_totals, layer_spec
 from saten_core.spec import LayerSpec
 
@@ -31,7 +33,8 @@ PLANS = [
                     Override("*v_proj", skip=True)]),
     Plan(method="saten-aw", target_ratio=0.5, lowrank_share=0.1, calib="default", calib_tokens=1024,
          heal_steps=50, heal_lr=3e-4, heal_seq_len=128, heal_batch_size=2, heal_tokens=4096, heal_eval_tokens=512,
-         heal_eval_every=5, heal_lm_weight=0.5),
+         heal_eval_every=5, heal_lm_weight=0.5, heal_core_lr_scale=0.1),
+    Plan(method="saten-aw", target_ratio=0.5, heal_steps=4, heal_core_lr_scale=0),
     Plan(method="svd-w", rank=16, calib="/data/my text.txt", calib_seq_len=256),
     Plan(method="wanda", structure="2:4", heal_steps=10),
     Plan(method="saten", target_ratio=0.7, mask_group="row"),
@@ -73,6 +76,8 @@ def test_json_round_trip(plan):
     ({"heal_lr": 0}, "heal_lr"),
     ({"heal_seq_len": 0}, "heal_seq_len"),
     ({"heal_lm_weight": -1.0}, "heal_lm_weight"),
+    ({"heal_core_lr_scale": -0.5}, "-0.5"),
+    ({"heal_core_lr_scale": "fast"}, "heal_core_lr_scale"),
 ])
 def test_bad_plans_name_the_value(bad, word):
     with pytest.raises(ValueError, match=None) as info:
@@ -223,3 +228,12 @@ def test_plan_json_without_mask_group_still_loads():
     legacy = json.loads(Plan(method="wanda", density=0.5).to_json())
     del legacy["mask_group"]
     assert Plan.from_json(json.dumps(legacy)).mask_group == "auto"
+
+
+def test_plan_json_without_heal_core_lr_scale_heals_cores_at_the_plain_lr():
+    legacy = json.loads(Plan(method="saten-aw", target_ratio=0.5, heal_steps=8).to_json())
+    del legacy["heal_core_lr_scale"]
+    plan = Plan.from_json(json.dumps(legacy))
+    assert plan.heal_core_lr_scale == 1.0
+    assert heal_config(plan).core_lr_scale == 1.0
+    assert heal_config(replace(plan, heal_core_lr_scale=0.25)).core_lr_scale == 0.25
