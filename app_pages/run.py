@@ -44,7 +44,12 @@ heal_steps = h2.number_input("Healing steps (0 = off)", 0, 100_000, plan.heal_st
                              help="Fine-tunes the TT cores and kept values to match the original's outputs "
                              "(distillation), keeping the best checkpoint on held-out calibration text.")
 heal_lr = h2.number_input("Healing learning rate", 1e-7, 1.0, plan.heal_lr, format="%.0e", key="run_heal_lr")
-calibrated = replace(plan, calib_tokens=int(calib_tokens), heal_steps=int(heal_steps), heal_lr=float(heal_lr))
+core_scale = h2.number_input("TT-core learning rate × (0 = cores frozen)", 0.0, 100.0,
+                             float(plan.heal_core_lr_scale), 0.1, key="run_heal_core_scale",
+                             help="TT cores heal at the learning rate times this; kept values at the learning rate. "
+                             "A core update moves every entry of its layer at once.")
+calibrated = replace(plan, calib_tokens=int(calib_tokens), heal_steps=int(heal_steps), heal_lr=float(heal_lr),
+                     heal_core_lr_scale=float(core_scale))
 if not calibrated.needs_calibration():
     h2.caption(f"`{plan.method}` uses the weights alone and healing is off: no calibration text is read.")
 

@@ -252,9 +252,15 @@ class SatenLinear(nn.Module):
 
     # ---- dense views --------------------------------------------------------------------------------
     def _flat_index(self) -> Tensor:
-        """Row-major flat positions in (in, out) of the kept values (derived from the packed mask, cached)."""
+        """Row-major flat positions in (in, out) of the kept values (derived from the packed mask, cached).
+
+        An index built under torch.inference_mode (e.g. by evaluating first) cannot enter autograd, so it is
+        rebuilt when a differentiable pass (healing) asks for it.
+        """
         key = ("index", self.mask.data_ptr(), self.mask._version, self.mask.device)
-        if self._cache.get("index_key") != key:
+        cached = self._cache.get("index")
+        stale = cached is not None and cached.is_inference() and not torch.is_inference_mode_enabled()
+        if self._cache.get("index_key") != key or stale:
             shape = (self.in_features, self.out_features)
             flat = unpack_mask(self.mask_format, self.mask, shape).reshape(-1).nonzero().reshape(-1)
             self._cache.update(index_key=key, index=flat)

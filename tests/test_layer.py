@@ -162,6 +162,19 @@ def test_training_changes_cores_and_values_never_mask(linear, x):
     assert torch.allclose(after, x @ layer.to_dense().detach().T + layer.bias.detach(), atol=1e-5)
 
 
+def test_training_after_inference_mode_evaluation_of_a_loaded_layer(linear, x):
+    """A reloaded layer evaluated under inference_mode first (load, eval, then heal) must still train."""
+    trained = SatenLinear.from_linear(linear, LayerSpec(rank=4, density=0.1))
+    layer = SatenLinear.from_layout(json.loads(json.dumps(trained.layout())))
+    layer.load_state_dict(trained.state_dict())
+    with torch.inference_mode():
+        before = layer(x)
+    layer(x).pow(2).mean().backward()
+    assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0
+    with torch.inference_mode():
+        assert torch.equal(layer(x), before)
+
+
 def test_inference_reuses_cached_factor_pair(linear, x):
     layer = SatenLinear.from_linear(linear, LayerSpec(rank=4, density=0.5))
     with torch.no_grad():
