@@ -58,7 +58,8 @@ def load_recipe() -> None:
                             plan_share=plan.lowrank_share or LOWRANK_SHARE, plan_group=plan.mask_group,
                             plan_rounds="auto" if plan.fit_rounds is None else plan.fit_rounds,
                             plan_overrides=pd.DataFrame([vars(o) for o in plan.overrides], columns=OVERRIDE_COLUMNS))
-    st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps)
+    st.session_state.update(run_calib_tokens=plan.calib_tokens, run_heal_steps=plan.heal_steps,
+                            run_heal_lr=plan.heal_lr, run_heal_core_scale=float(plan.heal_core_lr_scale))
     if plan.target_ratio:
         st.session_state.update(plan_target=plan.target_ratio, plan_budget_unit="Share of block-linear bytes")
     if plan.rank:
