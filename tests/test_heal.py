@@ -21,12 +21,16 @@ def _compress(model):
     return model
 
 
-def test_heal_lowers_distillation_loss_and_keeps_frozen_parts_identical(tiny_llama_dir):
+def _pair(model_dir):
+    """(teacher, compressed copy, tokenizer, (train text, held-out text))."""
     torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     student = _compress(copy.deepcopy(teacher))
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    calib, held = split_text(default_text())
+    return teacher, student, AutoTokenizer.from_pretrained(model_dir), split_text(default_text())
+
+
+def test_heal_lowers_distillation_loss_and_keeps_frozen_parts_identical(tiny_llama_dir):
+    teacher, student, tok, (calib, held) = _pair(tiny_llama_dir)
     frozen = {k: v.clone() for k, v in student.state_dict().items() if "cores" not in k and "values" not in k}
     masks = {n: mask_of(m).clone() for n, m in student.named_modules() if isinstance(m, SatenLinear)}
     cfg = HealConfig(steps=30, lr=3e-3, seq_len=64, batch_size=4, tokens=4096, eval_tokens=512, eval_every=10)
@@ -58,11 +62,7 @@ def test_heal_config_validation():
 
 
 def test_core_lr_scale_zero_freezes_cores_and_still_heals_values(tiny_llama_dir):
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    student = _compress(copy.deepcopy(teacher))
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    calib, held = split_text(default_text())
+    teacher, student, tok, (calib, held) = _pair(tiny_llama_dir)
     cores = {k: v.clone() for k, v in student.state_dict().items() if "cores" in k}
     values = {k: v.clone() for k, v in student.state_dict().items() if k.endswith("values")}
     cfg = HealConfig(steps=20, lr=3e-3, seq_len=64, batch_size=4, tokens=4096, eval_tokens=512, eval_every=5,
