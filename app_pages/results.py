@@ -51,9 +51,11 @@ if not layers.empty and "rel_error" in layers:
     st.plotly_chart(charts.layer_error_chart(layers, "rel_error", "Measured per-layer relative error"),
                     key="results_layer_error")
 if report.get("heal"):
-    curve = pd.DataFrame(report["heal"].get("curve") or [])
-    if {"step", "loss"} <= set(curve.columns):
+    curve = charts.heal_curve_frame(report["heal"])
+    if not curve.empty:
         st.plotly_chart(charts.loss_curve_chart(curve), key="results_loss")
+        st.caption(f"Healing kept the checkpoint of step {report['heal'].get('best_step', 0)} "
+                   "(lowest held-out KL; step 0 is the unhealed model).")
 
 st.subheader("Same prompt, both models")
 # A few seconds of greedy decoding on a CPU: run in the page behind a spinner, not as a job, because the job

@@ -138,6 +138,17 @@ def loss_curve_chart(df: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Healing loss", "step", "loss")
 
 
+def heal_curve_frame(heal: dict) -> pd.DataFrame:
+    """A healing report (build.heal_loaded) -> step / loss / split rows for loss_curve_chart.
+
+    Training KL per step and the held-out KL that picked the kept checkpoint, so a reader sees both whether
+    healing still improved at its last step and which step was kept.
+    """
+    train = [{"step": i, "loss": v, "split": "train KL"} for i, v in enumerate(heal.get("loss_curve") or [], 1)]
+    held = [{"step": s, "loss": v, "split": "held-out KL"} for s, v in heal.get("eval_curve") or []]
+    return pd.DataFrame(train + held, columns=["step", "loss", "split"])
+
+
 def layer_name_parts(name: str) -> tuple[int, str]:
     """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'): the block index and the module type."""
     parts = name.split(".")

@@ -299,6 +299,24 @@ def test_results_page_shows_tradeoffs_and_layer_errors(finished_runs):
 
 
 @pytest.mark.slow
+def test_results_page_shows_the_healing_curve_of_a_healed_run(tiny_llama_dir):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    plan = Plan(method="saten", target_ratio=0.6, heal_steps=3, heal_seq_len=32, heal_tokens=512,
+                heal_eval_tokens=64, heal_eval_every=1)
+    job_id = jobs.submit(str(tiny_llama_dir), plan.to_json(), evaluate=False)
+    while jobs.get_job(job_id).status == "queued":
+        jobs.run_worker(once=True)
+    assert jobs.get_job(job_id).status == "succeeded", jobs.get_job(job_id).error
+    at = page("app_pages/results.py", results_pick=job_id)
+    no_exception(at)
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Healing loss" in spec for spec in specs)
+    assert any("Healing kept the checkpoint of step" in c.value for c in at.caption)
+
+
+@pytest.mark.slow
 def test_results_page_shows_both_models_answering_one_prompt(finished_runs):
     at = page("app_pages/results.py", results_pick=finished_runs[1])
     at.text_input(key="results_prompt").set_value("the quick brown fox")

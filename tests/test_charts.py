@@ -67,6 +67,15 @@ def test_layer_error_and_loss_curve():
     assert len(charts.loss_curve_chart(loss).data) == 2
 
 
+def test_heal_curve_frame_has_train_and_held_out_lines():
+    heal = {"loss_curve": [0.9, 0.7, 0.6], "eval_curve": [[0, 1.0], [3, 0.65]], "best_step": 3}
+    frame = charts.heal_curve_frame(heal)
+    assert list(frame[frame.split == "train KL"].step) == [1, 2, 3]
+    assert list(frame[frame.split == "held-out KL"].loss) == [1.0, 0.65]
+    assert len(charts.loss_curve_chart(frame).data) == 2
+    assert charts.heal_curve_frame({}).empty
+
+
 def test_layer_name_parts():
     assert charts.layer_name_parts("model.layers.12.mlp.up_proj") == (12, "mlp.up_proj")
     assert charts.layer_name_parts("encoder.layer.0.attention.self.query") == (0, "attention.self.query")
