@@ -23,6 +23,9 @@ model = st.selectbox("Model", models, index=models.index(charts.newest_model(run
 mine, size_column, size_title = charts.with_size_mib(runs[runs["model"] == model])
 mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
 st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")
+if len(texts := charts.eval_texts(mine)) > 1:
+    st.warning(f"These runs were evaluated on {len(texts)} different texts (column eval_text): compare perplexities "
+               "only between runs with the same text. The bundled corpus itself differs between Python versions.")
 if mine["slower"].any():
     st.warning("Runs marked **SLOWER than original** decode slower than the original model timed on the same device.")
 

@@ -212,10 +212,10 @@ def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:
                      "top1_agreement": job.get("top1_agreement"), "decode_ms": job.get("decode_ms_per_token"),
                      "prefill_ms": job.get("prefill_ms"), "seconds": job.get("seconds"),
                      "model_bytes_before": tot.get("model_bytes_before"),
-                     "model_bytes_after": tot.get("model_bytes_after")})
+                     "model_bytes_after": tot.get("model_bytes_after"), "eval_text": ev.get("text_sha256")})
     df = pd.DataFrame(rows, columns=["id", "label", "model", "method", "baseline", "device", "bytes_before",
                                      "bytes_after", "model_bytes_before", "model_bytes_after", "ppl", "ppl_original",
-                                     "kl", "top1_agreement", "decode_ms", "prefill_ms", "seconds"])
+                                     "kl", "top1_agreement", "decode_ms", "prefill_ms", "seconds", "eval_text"])
     return _mark_slower(df)
 
 
@@ -231,6 +231,15 @@ def _mark_slower(df: pd.DataFrame) -> pd.DataFrame:
     df["slower"] = [bool(r is not None and x is not None and not b and x > r)
                     for r, x, b in zip(ref, df["decode_ms"], df["baseline"], strict=True)]
     return df
+
+
+def eval_texts(df: pd.DataFrame) -> list[str]:
+    """Distinct evaluation-text fingerprints of the evaluated runs in `df` (runs before fingerprints: left out).
+
+    More than one means their perplexities were measured on different texts and do not compare directly.
+    """
+    measured = df[df["ppl"].notna() & df["eval_text"].notna()]
+    return sorted(measured["eval_text"].unique().tolist())
 
 
 def newest_model(df: pd.DataFrame) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +97,19 @@ def evaluate_model(loaded: Any, *, text: str | None = None, tokens: int = EVAL_T
 
     body = held_out_text(text)
     if loaded.kind != "decoder":
-        return {"kind": loaded.kind, "ppl": None, "tokens": None, "sentences": len(sentences(body))}
+        return {"kind": loaded.kind, "ppl": None, "tokens": None, "sentences": len(sentences(body)),
+                "text_sha256": text_fingerprint(body)}
     return {"kind": loaded.kind, "ppl": perplexity(loaded.model, loaded.tokenizer, body, tokens=tokens),
-            "tokens": tokens}
+            "tokens": tokens, "text_sha256": text_fingerprint(body)}
+
+
+def text_fingerprint(text: str) -> str:
+    """First 12 hex digits of the text's SHA-256: which text a number was measured on.
+
+    Why: the bundled corpus (pydoc_data.topics) differs between Python versions, and users upload their own, so
+    perplexities from runs on different texts must not be read as one comparison (the Results page warns).
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def add_model_bytes(totals: dict, whole_before: int) -> None:

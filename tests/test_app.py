@@ -296,6 +296,9 @@ def test_results_page_shows_tradeoffs_and_layer_errors(finished_runs):
     assert len(charts) == 3  # size trade-off, latency trade-off, per-layer error
     table = at.dataframe[0].value
     assert finished_runs[1] in list(table["id"]) and "original (reference)" in " ".join(table["label"])
+    evaluated = table[table["ppl"].notna()]["eval_text"]
+    assert len(evaluated) >= 2 and evaluated.notna().all() and evaluated.nunique() == 1  # same text: no warning
+    assert not any("different texts" in w.value for w in at.warning)
 
 
 @pytest.mark.slow

@@ -139,6 +139,21 @@ def test_runs_frame_says_when_a_run_touched_only_some_layers():
     assert charts.runs_frame([job])["label"].iloc[0] == "#4 saten-aw 70% bytes (only model.layers.2[0-5].mlp.*)"
 
 
+def test_eval_texts_lists_the_texts_evaluated_runs_were_measured_on():
+    import json
+
+    def on(text):
+        return json.dumps({"eval": {"text_sha256": text}})
+
+    jobs = [_job(1, {"method": "saten"}, ppl=12.0, result_json=on("aaa")),
+            _job(2, {"method": "svd"}, ppl=14.0, result_json=on("aaa")),
+            _job(3, {"method": "tt"}, ppl=None, result_json=on("bbb")),  # not evaluated: no perplexity to compare
+            _job(4, {"method": "prune"}, ppl=20.0)]  # before fingerprints
+    assert charts.eval_texts(charts.runs_frame(jobs)) == ["aaa"]
+    jobs.append(_job(5, {"method": "wanda"}, ppl=13.0, result_json=on("ccc")))
+    assert charts.eval_texts(charts.runs_frame(jobs)) == ["aaa", "ccc"]
+
+
 def test_newest_model_is_the_latest_runs_model():
     jobs = [_job(1, {"method": "saten"}), {**_job(3, {"method": "svd"}), "model_ref": "b-model"},
             {**_job(2, {"method": "tt"}), "model_ref": "z-model"}]

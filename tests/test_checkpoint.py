@@ -24,7 +24,7 @@ from saten_core.checkpoint import (
 from saten_core.compress import compress_
 from saten_core.layer import SatenLinear
 from saten_core.models import load_model
-from saten_core.pipeline import compress_to_dir
+from saten_core.pipeline import compress_to_dir, held_out_text, text_fingerprint
 from saten_core.plan import Override, Plan
 
 PLANS = [
@@ -139,6 +139,7 @@ def test_compress_to_dir_with_evaluation(tiny_llama_dir, tmp_path):
     ev = report["eval"]
     assert ev["tokens"] == 256 and ev["ppl"] > 1 and ev["ppl_original"] > 1
     assert ev["kl"] >= 0 and 0 <= ev["top1_agreement"] <= 1 and ev["latency"]
+    assert ev["text_sha256"] == text_fingerprint(held_out_text(None)) != text_fingerprint("other text")
     assert {"load", "compress", "evaluate", "save"} <= set(stages)
     assert json.loads((tmp_path / "dir" / "report.json").read_text())["eval"]["kl"] == ev["kl"]
     with pytest.raises(ValueError, match="not empty"):
