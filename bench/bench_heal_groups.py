@@ -7,7 +7,7 @@ slower, equal (1) and faster. The compressed model is built once (`python -m sat
 and reloaded for each scale, so every row starts from the same weights.
 Run: PYTHONPATH=. .venv/bin/python bench/bench_heal_groups.py --compressed DIR --scales 0 0.1 1 --out rows.jsonl
 Rows (JSON lines, appended as each finishes; a rerun skips scales already in --out): ppl / KL / top-1 on
---tokens held-out tokens before and after healing, the held-out-KL curve during healing and the best step.
+--tokens held-out tokens (and the original's ppl) before and after healing, the held-out-KL curve during healing and the best step.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from bench_methods import measure
 
 from saten_core.build import calibration_text, heal_loaded
+from saten_core.evaluate import perplexity
 from saten_core.checkpoint import PLAN, load_compressed, read_report
 from saten_core.models import load_model
 from saten_core.pipeline import held_out_text
@@ -31,7 +32,8 @@ from saten_core.plan import Plan
 def heal_row(args, base, plan: Plan, scale: float) -> dict:
     """Reload the compressed folder, heal it at this core scale, measure before and after."""
     loaded = load_compressed(args.compressed)
-    row = {"compressed": args.compressed, "core_lr_scale": scale, "plan": json.loads(plan.to_json())}
+    row = {"compressed": args.compressed, "core_lr_scale": scale, "plan": json.loads(plan.to_json()),
+           "tokens": args.tokens, "base_ppl": args.base_ppl}
     row["before_heal"] = measure(base.model, loaded.model, base.tokenizer, args.text, args.tokens)
     start = time.perf_counter()
     healed = heal_loaded(loaded, base.model, replace(plan, heal_core_lr_scale=scale), calibration_text(plan))
@@ -60,6 +62,7 @@ def main() -> None:
                    heal_seq_len=args.heal_seq_len, heal_tokens=args.heal_tokens,
                    heal_eval_tokens=args.heal_eval_tokens, heal_eval_every=args.heal_eval_every)
     base = load_model(read_report(folder)["source_ref"], device="cpu")
+    args.base_ppl = perplexity(base.model, base.tokenizer, args.text, tokens=args.tokens)
     out = Path(args.out)
     done = {json.loads(line)["core_lr_scale"] for line in out.read_text().splitlines()} if out.exists() else set()
     for scale in args.scales:
