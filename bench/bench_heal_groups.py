@@ -7,7 +7,8 @@ slower, equal (1) and faster. The compressed model is built once (`python -m sat
 and reloaded for each scale, so every row starts from the same weights.
 Run: PYTHONPATH=. .venv/bin/python bench/bench_heal_groups.py --compressed DIR --scales 0 0.1 1 --out rows.jsonl
 Rows (JSON lines, appended as each finishes; a rerun skips scales already in --out): ppl / KL / top-1 on
---tokens held-out tokens (and the original's ppl) before and after healing, the held-out-KL curve during healing
+--tokens held-out tokens (and the original's ppl) before and after healing, the held-out-KL curve during
+healing and the best step.
 and the best step.
 """
 
