@@ -9,7 +9,6 @@ Run: PYTHONPATH=. .venv/bin/python bench/bench_heal_groups.py --compressed DIR -
 Rows (JSON lines, appended as each finishes; a rerun skips scales already in --out): ppl / KL / top-1 on
 --tokens held-out tokens (and the original's ppl) before and after healing, the held-out-KL curve during
 healing and the best step.
-and the best step.
 """
 
 from __future__ import annotations
