@@ -25,8 +25,10 @@ JOINT_SHARE = 0.2
 JOINT_SHARE_MAX_RATIO = 0.65
 MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per method in mask_group()
 # Joint TT + sparse rounds for saten-aw when the plan leaves fit_rounds unset. 0 (one shot): at 50% of the bytes
-# 8 joint rounds beat Wanda before healing (17.19 vs 21.27) but healed worse (14.18 vs 11.45, docs/BENCHMARKS.md),
-# so joint fitting is opt-in (--fit-rounds N) until healing suits its larger TT cores.
+# 8 joint rounds beat Wanda before healing (17.19 vs 21.27) but healed worse (14.18 vs 11.45, docs/BENCHMARKS.md).
+# With the TT cores frozen during healing (heal_core_lr_scale 0) they heal to 11.51, level with Wanda on 1024
+# tokens and behind on 4096 (15.41 vs 14.94), at about 40x the CPU compression time; at 80% they are behind. So
+# joint fitting stays opt-in (--fit-rounds N).
 FIT_ROUNDS = 0
 
 
