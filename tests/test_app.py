@@ -308,7 +308,7 @@ def test_results_page_shows_the_healing_curve_of_a_healed_run(tiny_llama_dir):
 
     plan = Plan(method="saten", target_ratio=0.6, heal_steps=3, heal_seq_len=32, heal_tokens=512,
                 heal_eval_tokens=64, heal_eval_every=1)
-    job_id = jobs.submit(str(tiny_llama_dir), plan.to_json(), evaluate=False)
+    job_id = jobs.submit(str(tiny_llama_dir), plan.to_json(), evaluate=True)  # later ROI tests open the newest run
     while jobs.get_job(job_id).status == "queued":
         jobs.run_worker(once=True)
     assert jobs.get_job(job_id).status == "succeeded", jobs.get_job(job_id).error
