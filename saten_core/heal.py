@@ -61,18 +61,22 @@ class HealResult:
 
 
 def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze the compressed layers' kept values and (with `cores`) TT cores."""
+    """Freeze everything, then unfreeze the compressed layers' kept values and (with `cores`) TT cores.
+
+    Empty tensors (a layer without a sparse part stores zero values) are left out: they have nothing to train.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
     for module in model.modules():
         if type(module).__name__ == "SatenLinear":
             for name, p in module.named_parameters():
-                if name == "values" or (cores and name.startswith("cores.")):
+                if p.numel() and (name == "values" or (cores and name.startswith("cores."))):
                     p.requires_grad_(True)
                     params.append(p)
     if not params:
-        raise ValueError("the model has no compressed (SatenLinear) layers to heal")
+        raise ValueError("the model has no compressed (SatenLinear) layers to heal" if cores else
+                         "with the TT cores frozen (core_lr_scale 0) no layer keeps sparse values to heal")
     return params
 
 

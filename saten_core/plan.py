@@ -172,6 +172,9 @@ class Plan:
         if isinstance(self.heal_core_lr_scale, bool) or not isinstance(self.heal_core_lr_scale, int | float) \
                 or not self.heal_core_lr_scale >= 0:
             raise ValueError(f"heal_core_lr_scale must be >= 0, got {self.heal_core_lr_scale!r}")
+        if self.heal_steps and self.heal_core_lr_scale == 0 and storage_method(self.method) in ("tt", "svd"):
+            raise ValueError(f"heal_core_lr_scale 0 freezes the TT cores, and {self.method} keeps nothing else: "
+                             "nothing would heal (use a scale > 0 or heal_steps 0)")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

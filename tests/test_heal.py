@@ -83,3 +83,11 @@ def test_param_groups_give_cores_the_scaled_lr(tiny_llama_dir):
     assert {id(p) for p in groups[0]["params"]} == {id(m.values) for m in layers}
     assert {id(p) for p in groups[1]["params"]} == {id(c) for m in layers for c in m.cores}
     assert len(trainable_parameters(student, cores=False)) == len(layers)
+
+
+def test_frozen_cores_without_sparse_values_say_nothing_would_heal(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.model.layers[0].mlp.up_proj = SatenLinear.from_linear(model.model.layers[0].mlp.up_proj,
+                                                                LayerSpec(method="tt", rank=2))
+    with pytest.raises(ValueError, match="frozen"):
+        trainable_parameters(model, cores=False)

@@ -78,6 +78,8 @@ def test_json_round_trip(plan):
     ({"heal_lm_weight": -1.0}, "heal_lm_weight"),
     ({"heal_core_lr_scale": -0.5}, "-0.5"),
     ({"heal_core_lr_scale": "fast"}, "heal_core_lr_scale"),
+    ({"method": "svd-w", "rank": 4, "heal_steps": 5, "heal_core_lr_scale": 0}, "nothing would heal"),
+    ({"method": "tt", "rank": 4, "heal_steps": 5, "heal_core_lr_scale": 0}, "nothing would heal"),
 ])
 def test_bad_plans_name_the_value(bad, word):
     with pytest.raises(ValueError, match=None) as info:
