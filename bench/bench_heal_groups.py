@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench_methods import measure
+from bench_methods import add_heal_args, heal_fields, measure
 
 from saten_core.build import calibration_text, heal_loaded
 from saten_core.checkpoint import PLAN, load_compressed, read_report
@@ -49,19 +49,12 @@ def main() -> None:
     ap.add_argument("--compressed", required=True, help="folder written by `python -m saten_core compress`")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--heal-steps", type=int, default=128)
-    ap.add_argument("--heal-lr", type=float, default=3e-4)
-    ap.add_argument("--heal-seq-len", type=int, default=128)
-    ap.add_argument("--heal-tokens", type=int, default=16384)
-    ap.add_argument("--heal-eval-tokens", type=int, default=512)
-    ap.add_argument("--heal-eval-every", type=int, default=32)
+    add_heal_args(ap, steps=128, lr=3e-4, seq_len=128, tokens=16384, eval_tokens=512, eval_every=32)
     ap.add_argument("--out", default="heal_groups.jsonl")
     args = ap.parse_args()
     args.text = held_out_text(None)
     folder = Path(args.compressed)
-    plan = replace(Plan.from_json((folder / PLAN).read_text()), heal_steps=args.heal_steps, heal_lr=args.heal_lr,
-                   heal_seq_len=args.heal_seq_len, heal_tokens=args.heal_tokens,
-                   heal_eval_tokens=args.heal_eval_tokens, heal_eval_every=args.heal_eval_every)
+    plan = replace(Plan.from_json((folder / PLAN).read_text()), **heal_fields(args))
     base = load_model(read_report(folder)["source_ref"], device="cpu")
     args.base_ppl = perplexity(base.model, base.tokenizer, args.text, tokens=args.tokens)
     out = Path(args.out)

@@ -42,9 +42,8 @@ def measure(base, model, tok, text: str, tokens: int) -> dict:
 
 def run_row(base, stats, method: str, structure: str, ratio: float, args) -> dict:
     """Compress a copy of the base model at `ratio` bytes, measure, heal it, measure again."""
-    plan = Plan(method=method, structure=structure, target_ratio=ratio, heal_steps=args.heal_steps,
-                heal_lr=args.heal_lr, heal_seq_len=args.heal_seq_len, heal_eval_tokens=args.heal_eval_tokens,
-                heal_tokens=args.heal_tokens, heal_eval_every=args.heal_eval_every, mask_group=args.mask_group)
+    plan = Plan(method=method, structure=structure, target_ratio=ratio, mask_group=args.mask_group,
+                **heal_fields(args))
     if args.lowrank_share is not None:
         plan = replace(plan, lowrank_share=args.lowrank_share)
     if args.fit_rounds is not None and storage_method(method) == "saten":
@@ -98,18 +97,24 @@ def table(rows: list[dict], base_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def add_heal_args(ap: argparse.ArgumentParser, **defaults: float) -> None:
+    """--heal-steps, --heal-lr, ... for the plan's heal_* fields of the same names, with this bench's defaults."""
+    for name, default in defaults.items():
+        ap.add_argument(f"--heal-{name.replace('_', '-')}", type=type(default), default=default)
+
+
+def heal_fields(args: argparse.Namespace) -> dict:
+    """The plan's heal_* fields given by add_heal_args' flags."""
+    return {k: v for k, v in vars(args).items() if k.startswith("heal_")}
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.5])
     ap.add_argument("--methods", nargs="*", default=None, help="subset, e.g. saten-aw:2:4 wanda:unstructured")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--heal-steps", type=int, default=40)
-    ap.add_argument("--heal-lr", type=float, default=5e-4)
-    ap.add_argument("--heal-seq-len", type=int, default=256)
-    ap.add_argument("--heal-tokens", type=int, default=16384)
-    ap.add_argument("--heal-eval-tokens", type=int, default=1024)
-    ap.add_argument("--heal-eval-every", type=int, default=10)
+    add_heal_args(ap, steps=40, lr=5e-4, seq_len=256, tokens=16384, eval_tokens=1024, eval_every=10)
     ap.add_argument("--lowrank-share", type=float, default=None, help="default: the plan's default")
     ap.add_argument("--fit-rounds", type=int, default=None,
                     help="saten(-aw) joint TT + sparse rounds (default: the plan's, plan.fit_rounds())")

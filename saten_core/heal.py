@@ -60,6 +60,11 @@ class HealResult:
         return asdict(self)
 
 
+def _compressed_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's SatenLinear layers (matched by name: heal does not import the layer module)."""
+    return [m for m in model.modules() if type(m).__name__ == "SatenLinear"]
+
+
 def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the compressed layers' kept values and (with `cores`) TT cores.
 
@@ -68,12 +73,11 @@ def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Par
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
-    for module in model.modules():
-        if type(module).__name__ == "SatenLinear":
-            for name, p in module.named_parameters():
-                if p.numel() and (name == "values" or (cores and name.startswith("cores."))):
-                    p.requires_grad_(True)
-                    params.append(p)
+    for module in _compressed_layers(model):
+        for name, p in module.named_parameters():
+            if p.numel() and (name == "values" or (cores and name.startswith("cores."))):
+                p.requires_grad_(True)
+                params.append(p)
     if not params:
         raise ValueError("the model has no compressed (SatenLinear) layers to heal" if cores else
                          "with the TT cores frozen (core_lr_scale 0) no layer keeps sparse values to heal")
@@ -86,7 +90,7 @@ def param_groups(params: list[nn.Parameter], model: nn.Module, cfg: HealConfig) 
     Why: a TT core's update moves every entry of the layer's weight at once, while a kept value moves one, so
     the two may want different step sizes (docs/BENCHMARKS.md, "healing the TT cores").
     """
-    core_ids = {id(p) for m in model.modules() if type(m).__name__ == "SatenLinear" for p in m.cores}
+    core_ids = {id(p) for m in _compressed_layers(model) for p in m.cores}
     cores = [p for p in params if id(p) in core_ids]
     rest = [p for p in params if id(p) not in core_ids]
     groups = [{"params": rest, "lr": cfg.lr}] if rest else []

@@ -254,15 +254,14 @@ class SatenLinear(nn.Module):
     def _flat_index(self) -> Tensor:
         """Row-major flat positions in (in, out) of the kept values (derived from the packed mask, cached).
 
-        An index built under torch.inference_mode (e.g. by evaluating first) cannot enter autograd, so it is
-        rebuilt when a differentiable pass (healing) asks for it.
+        Built outside torch.inference_mode even when evaluation asks first: an inference tensor could not enter
+        the autograd graph of a later healing pass, and one cached index then serves both.
         """
         key = ("index", self.mask.data_ptr(), self.mask._version, self.mask.device)
-        cached = self._cache.get("index")
-        stale = cached is not None and cached.is_inference() and not torch.is_inference_mode_enabled()
-        if self._cache.get("index_key") != key or stale:
+        if self._cache.get("index_key") != key:
             shape = (self.in_features, self.out_features)
-            flat = unpack_mask(self.mask_format, self.mask, shape).reshape(-1).nonzero().reshape(-1)
+            with torch.inference_mode(False):
+                flat = unpack_mask(self.mask_format, self.mask, shape).reshape(-1).nonzero().reshape(-1)
             self._cache.update(index_key=key, index=flat)
         return self._cache["index"]
 

@@ -96,11 +96,10 @@ def evaluate_model(loaded: Any, *, text: str | None = None, tokens: int = EVAL_T
     from saten_core.evaluate import perplexity
 
     body = held_out_text(text)
+    out = {"kind": loaded.kind, "text_sha256": text_fingerprint(body)}
     if loaded.kind != "decoder":
-        return {"kind": loaded.kind, "ppl": None, "tokens": None, "sentences": len(sentences(body)),
-                "text_sha256": text_fingerprint(body)}
-    return {"kind": loaded.kind, "ppl": perplexity(loaded.model, loaded.tokenizer, body, tokens=tokens),
-            "tokens": tokens, "text_sha256": text_fingerprint(body)}
+        return {**out, "ppl": None, "tokens": None, "sentences": len(sentences(body))}
+    return {**out, "ppl": perplexity(loaded.model, loaded.tokenizer, body, tokens=tokens), "tokens": tokens}
 
 
 def text_fingerprint(text: str) -> str:

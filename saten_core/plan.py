@@ -164,17 +164,18 @@ class Plan:
                      "heal_eval_tokens", "heal_eval_every"):
             _check_int(name, getattr(self, name), 1)
         _check_int("heal_steps", self.heal_steps, 0)
-        if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, int | float) or not self.heal_lr > 0:
-            raise ValueError(f"heal_lr must be > 0, got {self.heal_lr!r}")
-        if isinstance(self.heal_lm_weight, bool) or not isinstance(self.heal_lm_weight, int | float) \
-                or not self.heal_lm_weight >= 0:
-            raise ValueError(f"heal_lm_weight must be >= 0, got {self.heal_lm_weight!r}")
-        if isinstance(self.heal_core_lr_scale, bool) or not isinstance(self.heal_core_lr_scale, int | float) \
-                or not self.heal_core_lr_scale >= 0:
-            raise ValueError(f"heal_core_lr_scale must be >= 0, got {self.heal_core_lr_scale!r}")
+        _check_number("heal_lr", self.heal_lr, positive=True)
+        _check_number("heal_lm_weight", self.heal_lm_weight, positive=False)
+        _check_number("heal_core_lr_scale", self.heal_core_lr_scale, positive=False)
         if self.heal_steps and self.heal_core_lr_scale == 0 and storage_method(self.method) in ("tt", "svd"):
             raise ValueError(f"heal_core_lr_scale 0 freezes the TT cores, and {self.method} keeps nothing else: "
                              "nothing would heal (use a scale > 0 or heal_steps 0)")
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    """A real number (not a bool) that is > 0 (`positive`) or >= 0; NaN fails both."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value > 0 if positive else value >= 0):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0, got {value!r}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
