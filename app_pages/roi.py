@@ -7,7 +7,16 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.report import ReportInput, dollars, headline, to_html, to_markdown
-from saten_core.roi import GPU_CATALOG, RoiInputs, compute_roi, is_missing, measured_from_run, roi_table
+from saten_core.roi import (
+    GPU_CATALOG,
+    RoiInputs,
+    compute_roi,
+    default_run,
+    is_missing,
+    measured_from_run,
+    missing_measurement,
+    roi_table,
+)
 from studio_ui import library, loaded_model, show_error
 
 st.title("ROI")
@@ -29,9 +38,15 @@ def model_bytes(ref: str) -> int:
     return parameter_bytes(loaded_model(ref).model)
 
 
-pick = st.selectbox("Run", list(compressed["id"]), key="roi_run",
-                    format_func=lambda i: compressed.set_index("id").loc[i, "label"])
+records = compressed.to_dict("records")
+ready = {r["id"]: missing_measurement(r) is None for r in records}
+pick = st.selectbox("Run", list(compressed["id"]), index=default_run(records), key="roi_run",
+                    format_func=lambda i: compressed.set_index("id").loc[i, "label"]
+                    + ("" if ready[i] else " (not evaluated)"))
 run = compressed.set_index("id").loc[pick].to_dict() | {"id": pick}
+if not any(ready.values()):
+    st.info("No compression run has measured speed yet: submit one with evaluation on the Run page, "
+            "together with the reference job that times the original model.")
 
 st.subheader("Your deployment")
 c1, c2, c3 = st.columns(3)

@@ -29,6 +29,9 @@ try:
 except ValueError as exc:
     c1.warning(str(exc))
 evaluate = c2.checkbox("Evaluate after compressing (perplexity, agreement, latency)", value=True, key="run_eval")
+reference = c2.checkbox("Also time the original model on this device (once)", value=True, key="run_reference",
+                        disabled=not evaluate, help="Speed and ROI compare a run with the original measured on the "
+                        "same device; this queues that reference job unless one is already queued or done.")
 budget = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 24 * 60.0, 0.0, 1.0, key="run_budget")
 
 st.subheader("Calibration and healing")
@@ -70,8 +73,10 @@ if st.button("Submit job", type="primary", icon=":material/send:", key="run_subm
             raise ValueError("choose a calibration text file, or use the bundled corpus")
         job_id = jobs.submit(model_ref(), job_plan(), evaluate=evaluate, device=device,
                              time_budget_s=budget * 60 if budget else None)
+        ref_id = jobs.submit_reference(model_ref(), device=device) if evaluate and reference else None
         jobs.ensure_worker()
-        st.success(f"Job {job_id} queued.")
+        st.success(f"Job {job_id} queued" + (f", and reference job {ref_id} (the original model)." if ref_id
+                                            else "."))
     except (ValueError, OSError) as exc:
         show_error(exc)
 

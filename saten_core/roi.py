@@ -182,10 +182,8 @@ def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
     whole = model_bytes if is_missing(run.get("model_bytes_before")) else int(run["model_bytes_before"])
     if whole is None:
         raise ValueError(f"run {run.get('id')} has no whole-model size: pass model_bytes")
-    for key in ("bytes_before", "bytes_after", "decode_ms", "decode_ms_original"):
-        if is_missing(run.get(key)):
-            hint = " (run the reference job that times the original model)" if key == "decode_ms_original" else ""
-            raise ValueError(f"run {run.get('id')} has no measured {key}{hint}")
+    if (why := missing_measurement(run)) is not None:
+        raise ValueError(why)
     other_bytes = int(whole) - int(run["bytes_before"])
     if other_bytes < 0:
         raise ValueError(f"run {run.get('id')}: model bytes {whole} are fewer than its changed layers' "
@@ -195,6 +193,27 @@ def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
                     decode_s_compressed=float(run["decode_ms"]) / 1000.0,
                     ppl_original=_number(run.get("ppl_original")), ppl_compressed=_number(run.get("ppl")),
                     device=str(run.get("device") or "cpu"))
+
+
+def missing_measurement(run: dict) -> str | None:
+    """Why the ROI cannot be computed from this run (the first measured number it lacks), or None if it can.
+
+    Sizes come with every finished compression; the decode timings only with an evaluated run and a reference
+    job on the same device, so an unevaluated run is the usual case.
+    """
+    for key in ("bytes_before", "bytes_after", "decode_ms", "decode_ms_original"):
+        if is_missing(run.get(key)):
+            hint = " (run the reference job that times the original model)" if key == "decode_ms_original" else ""
+            return f"run {run.get('id')} has no measured {key}{hint}"
+    return None
+
+
+def default_run(runs: list[dict]) -> int:
+    """Position of the first run (newest first, as the job store lists them) the ROI can be computed from.
+
+    The page opens on it rather than on the newest run, which may not have been evaluated; 0 when none can.
+    """
+    return next((i for i, run in enumerate(runs) if missing_measurement(run) is None), 0)
 
 
 def _number(value: object) -> float | None:

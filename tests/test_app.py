@@ -224,6 +224,25 @@ def test_run_page_submit_creates_a_job(tiny_llama_dir, no_spawn):
     jobs.request_cancel(job.id)
 
 
+def test_run_page_queues_the_reference_run_once_with_an_evaluated_job(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    at = page("app_pages/run.py", model=str(tiny_llama_dir))
+    at.selectbox(key="run_device").set_value("cpu")
+    count = len(jobs.list_jobs())
+    at.button(key="run_submit").click().run()
+    no_exception(at)
+    assert at.success and "reference job" in at.success[0].value
+    new = jobs.list_jobs()[: len(jobs.list_jobs()) - count]
+    assert len(new) == 2 and all(j.evaluate and j.device_requested == "cpu" for j in new)
+    assert Plan.from_json(new[0].plan_json).exclude == ["*"] and Plan.from_json(new[1].plan_json).exclude == []
+    at.button(key="run_submit").click().run()
+    assert "reference job" not in at.success[0].value and len(jobs.list_jobs()) == count + 3
+    for job in jobs.list_jobs()[:3]:
+        jobs.request_cancel(job.id)
+
+
 def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir, no_spawn):
     from saten_core import jobs
     from saten_core.plan import Plan
@@ -332,6 +351,24 @@ def test_results_page_shows_both_models_answering_one_prompt(finished_runs):
     assert shown["original"]["tokens"] == shown["compressed"]["tokens"] == 4
     texts = " ".join(m.value for m in at.markdown)
     assert "**Original**" in texts and "**Compressed" in texts and shown["compressed"]["text"] in texts
+
+
+@pytest.mark.slow
+def test_roi_page_opens_on_an_evaluated_run_when_the_newest_was_not(finished_runs, tiny_llama_dir):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    job_id = jobs.submit(str(tiny_llama_dir), Plan(method="saten", target_ratio=0.7).to_json(), evaluate=False)
+    while jobs.get_job(job_id).status == "queued":
+        jobs.run_worker(once=True)
+    assert jobs.get_job(job_id).status == "succeeded"
+    at = page("app_pages/roi.py")
+    no_exception(at)
+    box = at.selectbox(key="roi_run")
+    assert not at.error and box.value != job_id and box.options[0].endswith("(not evaluated)")
+    assert metric(at, "Decode speed vs original").endswith("x")
+    box.set_value(job_id).run()
+    assert at.error and "has no measured decode_ms" in at.error[0].value
 
 
 @pytest.mark.slow

@@ -154,6 +154,24 @@ def test_cancel_queued_job_is_immediate_and_never_runs(tiny_llama_dir: Path):
         store.request_cancel(job_id)
 
 
+def test_reference_job_is_queued_once_per_model_device_and_length(tiny_llama_dir: Path):
+    """The original is timed once per (model, device, tokens); a failed or cancelled one does not count."""
+    first = store.submit_reference(str(tiny_llama_dir))
+    job = store.get_job(first)
+    assert job.evaluate and Plan.from_json(job.plan_json).exclude == ["*"]
+    assert store.submit_reference(str(tiny_llama_dir)) is None  # queued already
+    worker.run_worker(once=True)
+    assert store.get_job(first).status == "succeeded"
+    assert store.submit_reference(str(tiny_llama_dir)) is None  # done already
+    other = [store.submit_reference(str(tiny_llama_dir), device="cpu"),
+             store.submit_reference(str(tiny_llama_dir), tokens=64)]
+    assert None not in other and len(set(other)) == 2
+    store.request_cancel(other[0])
+    assert store.submit_reference(str(tiny_llama_dir), device="cpu") not in (None, *other)
+    with pytest.raises(ValueError, match="device"):
+        store.submit_reference(str(tiny_llama_dir), device="tpu")
+
+
 def test_time_budget_fails_with_reason(slow_llama_dir: Path):
     job_id = store.submit(str(slow_llama_dir), PLAN, device="cpu", time_budget_s=1e-3)
     worker.run_worker(once=True)

@@ -133,3 +133,18 @@ def test_dollars_puts_the_minus_before_the_currency_sign():
     from saten_core.report import dollars
 
     assert (dollars(-584.2), dollars(1234.0), dollars(0.0)) == ("-$584", "$1,234", "$0")
+
+
+def test_roi_opens_on_the_newest_run_it_can_compute():
+    """An unevaluated newest run has no decode time; the page's default skips it, and says why it would fail."""
+    from saten_core.roi import default_run, missing_measurement
+
+    done = {"id": 3, "bytes_before": 100, "bytes_after": 60, "decode_ms": 12.0, "decode_ms_original": 10.0}
+    unevaluated = {**done, "id": 5, "decode_ms": float("nan")}
+    no_reference = {**done, "id": 4, "decode_ms_original": None}
+    assert missing_measurement(done) is None
+    assert "run 5 has no measured decode_ms" == missing_measurement(unevaluated)
+    assert "reference job" in missing_measurement(no_reference)
+    assert default_run([unevaluated, no_reference, done]) == 2
+    assert default_run([done, unevaluated]) == 0
+    assert default_run([unevaluated, no_reference]) == 0  # none can: the newest, whose error names the reason

@@ -362,6 +362,23 @@ def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: in
                       time_budget_s=None if time_budget_s is None else float(time_budget_s))
 
 
+def submit_reference(model_ref: str, *, tokens: int | None = None, device: str = "auto") -> int | None:
+    """Queue an evaluated run of the original model (a plan that changes nothing), unless one is already there.
+
+    Speed is only comparable on one machine, so the Results and ROI pages compare a run's decode time with the
+    original's measured by such a job on the same device. "Already there": a queued, running or succeeded
+    reference job of this model, device request and evaluation length. Returns the new job's id, or None.
+    """
+    from saten_core.plan import Plan
+
+    ref, plan_json = check_model_ref(model_ref), Plan(exclude=["*"]).to_json()
+    for job in list_jobs():
+        if (job.model_ref, job.plan_json, job.device_requested, job.eval_tokens) == (ref, plan_json, device, tokens) \
+                and job.task == "compress" and job.evaluate and job.status in ("queued", "running", "succeeded"):
+            return None
+    return submit(ref, plan_json, evaluate=True, tokens=tokens, device=device)
+
+
 def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
     """Queue the all-layer spectrum scan of a model (minutes on a CPU); the worker fills the disk cache.
 
