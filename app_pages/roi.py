@@ -61,9 +61,15 @@ overhead = c3.number_input("Runtime overhead per replica (GiB)", 0.0, 512.0, 2.0
 days = c3.number_input("Engineering days (PoC + rollout)", 0.0, 1000.0, 10.0, 1.0, key="roi_days")
 rate = c3.number_input("Cost per engineering day ($)", 0.0, 1e5, 800.0, 50.0, key="roi_rate")
 
+st.subheader("Go / no-go criteria")
+d1, d2 = st.columns(2)
+max_ppl = d1.number_input("Highest acceptable perplexity (× original)", 1.0, 100.0, 1.05, 0.01, format="%.2f",
+                          key="roi_max_ppl", help="Held-out perplexity of the compressed model over the original's.")
+max_payback = d2.number_input("Payback within (months)", 0.5, 600.0, 12.0, 1.0, key="roi_max_payback")
+
 inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, requests_per_day=requests,
                    tokens_per_request=tokens, current_replicas=int(replicas), overhead_gib=overhead,
-                   engineering_days=days, day_rate=rate)
+                   engineering_days=days, day_rate=rate, max_ppl_ratio=max_ppl, max_payback_months=max_payback)
 try:
     legacy = model_bytes(run["model"]) if is_missing(run.get("model_bytes_before")) else None
     result = compute_roi(inputs, measured_from_run(run, legacy))
@@ -72,6 +78,9 @@ except (ValueError, OSError) as exc:
     st.stop()
 
 st.subheader("Outcome")
+verdict = st.success if result.go else st.warning
+verdict(f"**{'GO' if result.go else 'NO-GO'}** for this PoC: " + "; ".join(result.criteria) + ".",
+        icon=":material/check_circle:" if result.go else ":material/block:")
 m = st.columns(4)
 m[0].metric("Monthly saving", dollars(result.monthly_saving))
 m[1].metric("Payback", "never" if result.payback_months is None else f"{result.payback_months:.1f} months")

@@ -46,7 +46,9 @@ calib_tokens = h1.number_input("Calibration tokens", 64, 10_000_000, plan.calib_
 heal_steps = h2.number_input("Healing steps (0 = off)", 0, 100_000, plan.heal_steps, 10, key="run_heal_steps",
                              help="Fine-tunes the TT cores and kept values to match the original's outputs "
                              "(distillation), keeping the best checkpoint on held-out calibration text.")
-heal_lr = h2.number_input("Healing learning rate", 1e-7, 1.0, plan.heal_lr, format="%.0e", key="run_heal_lr")
+heal_lr = h2.number_input("Healing learning rate", 1e-7, 1.0, plan.heal_lr, format="%.0e", key="run_heal_lr",
+                          help="Measured on SmolLM2-135M (docs/BENCHMARKS.md): 3e-5 suits a near-lossless model "
+                          "(80% of the bytes), 3e-4 a damaged one (50%); too high a rate makes healing worse.")
 core_scale = h2.number_input("TT-core learning rate × (0 = cores frozen)", 0.0, 100.0,
                              float(plan.heal_core_lr_scale), 0.1, key="run_heal_core_scale",
                              help="TT cores heal at the learning rate times this; kept values at the learning rate. "

@@ -40,6 +40,7 @@ def headline(roi: RoiResult) -> list[str]:
     """Short sentences that say the result in plain words (speed, size, quality, money)."""
     speed = "faster" if roi.speedup >= 1 else "SLOWER"
     lines = [
+        f"Decision: {'GO' if roi.go else 'NO-GO'} ({'; '.join(roi.criteria)}).",
         f"Model size: {roi.size_ratio:.0%} of the original.",
         f"Decode speed: {roi.speedup:.2f}x the original ({speed}).",
         f"Monthly saving: {dollars(roi.monthly_saving)} (engineering cost {dollars(roi.engineering_cost)}).",
@@ -47,7 +48,7 @@ def headline(roi: RoiResult) -> list[str]:
                        else "never at this traffic (no saving)."),
     ]
     if roi.ppl_ratio is not None:
-        lines.insert(2, f"Quality: perplexity {roi.ppl_ratio:.2f}x the original (lower is better; 1.00 = same).")
+        lines.insert(3, f"Quality: perplexity {roi.ppl_ratio:.2f}x the original (lower is better; 1.00 = same).")
     return lines
 
 

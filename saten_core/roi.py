@@ -33,6 +33,8 @@ class RoiInputs:
     overhead_gib: float = 2.0  # per replica: runtime, activations, KV cache
     engineering_days: float = 10.0  # PoC + rollout effort
     day_rate: float = 800.0  # $/engineer-day
+    max_ppl_ratio: float = 1.05  # go/no-go: highest acceptable compressed / original perplexity
+    max_payback_months: float = 12.0  # go/no-go: the work must pay for itself within this many months
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible value."""
@@ -45,6 +47,10 @@ class RoiInputs:
         for name in ("overhead_gib", "engineering_days", "day_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.max_ppl_ratio >= 1:
+            raise ValueError(f"max_ppl_ratio must be >= 1 (1 = no quality loss), got {self.max_ppl_ratio!r}")
+        if not self.max_payback_months > 0:
+            raise ValueError(f"max_payback_months must be > 0, got {self.max_payback_months!r}")
 
 
 @dataclass
@@ -91,6 +97,8 @@ class RoiResult:
     size_ratio: float  # compressed bytes / original bytes
     ppl_ratio: float | None
     assumptions: list[str] = field(default_factory=list)
+    go: bool = False  # every go/no-go criterion of the inputs holds
+    criteria: list[str] = field(default_factory=list)  # one line per criterion: what was asked, what was measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,8 +160,27 @@ def compute_roi(inputs: RoiInputs, measured: Measured) -> RoiResult:
     ppl_ratio = None
     if measured.ppl_original and measured.ppl_compressed:
         ppl_ratio = measured.ppl_compressed / measured.ppl_original
+    go, criteria = decision(inputs, ppl_ratio, payback)
     return RoiResult(original, compressed, saving, engineering, payback, speedup,
-                     measured.bytes_compressed / measured.bytes_original, ppl_ratio, assumptions(inputs, measured))
+                     measured.bytes_compressed / measured.bytes_original, ppl_ratio, assumptions(inputs, measured),
+                     go, criteria)
+
+
+def decision(inputs: RoiInputs, ppl_ratio: float | None, payback_months: float | None) -> tuple[bool, list[str]]:
+    """Go / no-go for the PoC: quality within the stated tolerance and the work paid back in time.
+
+    An unmeasured perplexity is a no-go, not a pass: the decision must rest on measured numbers.
+    """
+    if ppl_ratio is None:
+        quality_ok, quality = False, "quality: perplexity not measured (evaluate the run)"
+    else:
+        quality_ok = ppl_ratio <= inputs.max_ppl_ratio
+        quality = (f"quality: perplexity {ppl_ratio:.3f}x the original, limit {inputs.max_ppl_ratio:.3f}x"
+                   f" ({'met' if quality_ok else 'MISSED'})")
+    money_ok = payback_months is not None and payback_months <= inputs.max_payback_months
+    paid = "never (no saving)" if payback_months is None else f"{payback_months:.1f} months"
+    money = f"payback: {paid}, limit {inputs.max_payback_months:g} months ({'met' if money_ok else 'MISSED'})"
+    return quality_ok and money_ok, [quality, money]
 
 
 def roi_table(result: RoiResult) -> list[dict]:

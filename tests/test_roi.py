@@ -57,7 +57,8 @@ def test_replicas_needed_rounds_up_and_keeps_one():
 
 
 @pytest.mark.parametrize("field,value", [("gpu_price_per_hour", 0), ("requests_per_day", -1),
-                                         ("current_replicas", 0), ("current_replicas", 1.5), ("day_rate", -5)])
+                                         ("current_replicas", 0), ("current_replicas", 1.5), ("day_rate", -5),
+                                         ("max_ppl_ratio", 0.99), ("max_payback_months", 0)])
 def test_bad_inputs_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         compute_roi(dataclasses.replace(RoiInputs(), **{field: value}), _measured())
@@ -148,3 +149,27 @@ def test_roi_opens_on_the_newest_run_it_can_compute():
     assert default_run([unevaluated, no_reference, done]) == 2
     assert default_run([done, unevaluated]) == 0
     assert default_run([unevaluated, no_reference]) == 0  # none can: the newest, whose error names the reason
+
+
+def test_go_needs_quality_within_the_limit_and_payback_in_time():
+    """2x faster on 4 replicas saves 2 GPUs (~$1168/month): 8000 $ of work pays back in ~6.8 months."""
+    inputs = RoiInputs(current_replicas=4, max_ppl_ratio=1.2, max_payback_months=12)
+    go = compute_roi(inputs, _measured())  # ppl 1.1x
+    assert go.go and all("(met)" in line for line in go.criteria)
+    strict = compute_roi(dataclasses.replace(inputs, max_ppl_ratio=1.05), _measured())
+    assert not strict.go and "1.100x the original, limit 1.050x (MISSED)" in strict.criteria[0]
+    impatient = compute_roi(dataclasses.replace(inputs, max_payback_months=6), _measured())
+    assert not impatient.go and "limit 6 months (MISSED)" in impatient.criteria[1]
+    slower = compute_roi(inputs, _measured(decode_s_compressed=0.04))
+    assert not slower.go and "never (no saving)" in slower.criteria[1]
+    unmeasured = compute_roi(inputs, _measured(ppl_compressed=None))
+    assert not unmeasured.go and "not measured" in unmeasured.criteria[0]
+
+
+def test_report_headline_states_the_decision():
+    from saten_core.report import headline
+
+    lines = headline(compute_roi(RoiInputs(current_replicas=4, max_ppl_ratio=1.2), _measured()))
+    assert lines[0].startswith("Decision: GO (quality: perplexity 1.100x")
+    assert lines[3].startswith("Quality:")
+    assert headline(compute_roi(RoiInputs(), _measured()))[0].startswith("Decision: NO-GO")
