@@ -350,6 +350,19 @@ def test_cli_submit_list_show_cancel(tiny_llama_dir: Path, job_home: Path, tmp_p
     assert store.get_job(job_id).status == "cancelled"
 
 
+def test_cli_submit_with_reference_queues_the_original_once(tiny_llama_dir: Path, job_home: Path, tmp_path: Path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(PLAN)
+    args = ("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(plan_file), "--device", "cpu")
+    out = [cli(*args, "--eval", "--reference", "--json", home=job_home) for _ in range(2)]
+    assert [o.returncode for o in out] == [0, 0], [o.stderr for o in out]
+    first, second = (json.loads(o.stdout) for o in out)
+    assert first["reference_id"] is not None and second["reference_id"] is None
+    assert Plan.from_json(store.get_job(first["reference_id"]).plan_json).exclude == ["*"]
+    refused = cli(*args, "--reference", home=job_home)
+    assert refused.returncode == 2 and "--eval" in refused.stderr and len(store.list_jobs()) == 3
+
+
 @pytest.mark.parametrize("args", [("show", "424242"), ("cancel", "424242")])
 def test_unknown_job_id_exits_2_with_one_line(job_home: Path, args):
     out = cli("jobs", *args, home=job_home)

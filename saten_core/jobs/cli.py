@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, metavar="N", help="evaluation tokens (default: pipeline's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when the worker has it), cpu, cuda, cuda:N")
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="fail the job after S seconds")
-    p.add_argument("--json", action="store_true", help='print {"id": ...}')
+    p.add_argument("--reference", action="store_true", help="with --eval: also queue an evaluated run of the "
+                   "original on the same device (speed comparisons and ROI need it), unless one is queued or done")
+    p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ...}')
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
     p.add_argument("--status", choices=store.STATUSES, default=None)
@@ -55,10 +57,15 @@ def read_plan_file(path: str) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.reference and not args.eval:
+        raise ValueError("--reference times the original for comparison with an evaluated run: add --eval")
     job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, tokens=args.tokens,
-                          device=args.device,
-                          time_budget_s=args.time_budget)
-    print(json.dumps({"id": job_id}) if args.json else f"queued job {job_id}")
+                          device=args.device, time_budget_s=args.time_budget)
+    ref_id = store.submit_reference(args.model, tokens=args.tokens, device=args.device) if args.reference else None
+    if args.json:
+        print(json.dumps({"id": job_id} | ({"reference_id": ref_id} if args.reference else {})))
+    else:
+        print(f"queued job {job_id}" + (f" and reference job {ref_id}" if ref_id else ""))
     return 0
 
 
