@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from saten_core import charts
-from saten_core.report import ReportInput, dollars, headline, to_html, to_markdown
+from saten_core.report import ReportInput, decision_line, dollars, headline, to_html, to_markdown
 from saten_core.roi import (
     GPU_CATALOG,
     RoiInputs,
@@ -79,8 +79,7 @@ except (ValueError, OSError) as exc:
 
 st.subheader("Outcome")
 verdict = st.success if result.go else st.warning
-verdict(f"**{'GO' if result.go else 'NO-GO'}** for this PoC: " + "; ".join(result.criteria) + ".",
-        icon=":material/check_circle:" if result.go else ":material/block:")
+verdict(decision_line(result), icon=":material/check_circle:" if result.go else ":material/block:")
 m = st.columns(4)
 m[0].metric("Monthly saving", dollars(result.monthly_saving))
 m[1].metric("Payback", "never" if result.payback_months is None else f"{result.payback_months:.1f} months")

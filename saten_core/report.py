@@ -36,11 +36,15 @@ def dollars(amount: float) -> str:
     return f"{'-' if amount < 0 else ''}${abs(amount):,.0f}"
 
 
+def decision_line(roi: RoiResult) -> str:
+    """The go/no-go in one sentence, with each criterion's limit and measured value (page banner, report top)."""
+    return f"Decision: {'GO' if roi.go else 'NO-GO'} for this PoC ({'; '.join(roi.criteria)})."
+
+
 def headline(roi: RoiResult) -> list[str]:
     """Short sentences that say the result in plain words (speed, size, quality, money)."""
     speed = "faster" if roi.speedup >= 1 else "SLOWER"
     lines = [
-        f"Decision: {'GO' if roi.go else 'NO-GO'} ({'; '.join(roi.criteria)}).",
         f"Model size: {roi.size_ratio:.0%} of the original.",
         f"Decode speed: {roi.speedup:.2f}x the original ({speed}).",
         f"Monthly saving: {dollars(roi.monthly_saving)} (engineering cost {dollars(roi.engineering_cost)}).",
@@ -48,7 +52,7 @@ def headline(roi: RoiResult) -> list[str]:
                        else "never at this traffic (no saving)."),
     ]
     if roi.ppl_ratio is not None:
-        lines.insert(3, f"Quality: perplexity {roi.ppl_ratio:.2f}x the original (lower is better; 1.00 = same).")
+        lines.insert(2, f"Quality: perplexity {roi.ppl_ratio:.2f}x the original (lower is better; 1.00 = same).")
     return lines
 
 
@@ -73,7 +77,7 @@ def to_markdown(data: ReportInput) -> str:
     """Markdown report: headline, ROI table, run history, assumptions, caveats (charts only in the HTML)."""
     table = markdown_table(pd.DataFrame(roi_table(data.roi)))
     parts = [f"# {data.title}", f"Run: **{data.run_label}** — generated {_stamp()}", "## Summary",
-             *[f"- {line}" for line in headline(data.roi)], "## Cost comparison", table]
+             *[f"- {line}" for line in [decision_line(data.roi), *headline(data.roi)]], "## Cost comparison", table]
     if len(data.runs):
         parts += ["## Runs", markdown_table(data.runs)]
     if data.figures:
@@ -105,7 +109,7 @@ def to_html(data: ReportInput) -> str:
     """Self-contained HTML (plotly.js inlined once, so it opens offline) with charts, tables and caveats."""
     body = [f"<h1>{html.escape(data.title)}</h1>",
             f"<p>Run: <b>{html.escape(data.run_label)}</b> — generated {_stamp()}</p>",
-            "<h2>Summary</h2>", _html_list(headline(data.roi)),
+            "<h2>Summary</h2>", _html_list([decision_line(data.roi), *headline(data.roi)]),
             "<h2>Cost comparison</h2>", _html_table(pd.DataFrame(roi_table(data.roi)))]
     if len(data.runs):
         body += ["<h2>Runs</h2>", _html_table(data.runs)]

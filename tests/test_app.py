@@ -378,10 +378,11 @@ def test_roi_page_computes_from_the_measured_run(finished_runs):
     assert not at.error
     assert metric(at, "Decode speed vs original").endswith("x")
     verdict = [m.value for m in [*at.success, *at.warning] if "for this PoC" in m.value]
+    assert not any("Decision" in m.value for m in at.markdown)  # said once, in the banner
     assert len(verdict) == 1 and "limit 1.050x" in verdict[0] and "limit 12 months" in verdict[0]
     at.number_input(key="roi_max_payback").set_value(0.5)
     at.number_input(key="roi_replicas").set_value(40).run()
-    assert any("**NO-GO**" in w.value and "limit 0.5 months" in w.value for w in at.warning)
+    assert any("Decision: NO-GO" in w.value and "limit 0.5 months" in w.value for w in at.warning)
     no_exception(at)
     assert at.dataframe[0].value.iloc[2]["original"] == 40
     cost = at.dataframe[0].value.set_index("metric").loc["Monthly cost ($)", "original"]

@@ -166,10 +166,11 @@ def test_go_needs_quality_within_the_limit_and_payback_in_time():
     assert not unmeasured.go and "not measured" in unmeasured.criteria[0]
 
 
-def test_report_headline_states_the_decision():
-    from saten_core.report import headline
+def test_reports_state_the_decision_first():
+    from saten_core.report import decision_line, to_html, to_markdown
 
-    lines = headline(compute_roi(RoiInputs(current_replicas=4, max_ppl_ratio=1.2), _measured()))
-    assert lines[0].startswith("Decision: GO (quality: perplexity 1.100x")
-    assert lines[3].startswith("Quality:")
-    assert headline(compute_roi(RoiInputs(), _measured()))[0].startswith("Decision: NO-GO")
+    go = compute_roi(RoiInputs(current_replicas=4, max_ppl_ratio=1.2), _measured())
+    assert decision_line(go).startswith("Decision: GO for this PoC (quality: perplexity 1.100x")
+    md = to_markdown(_report_input(roi=go))
+    assert md.index("Decision: GO") < md.index("Model size:")
+    assert "Decision: NO-GO" in to_html(_report_input(roi=compute_roi(RoiInputs(), _measured())))
