@@ -6,7 +6,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from studio_ui import PLAN_KEY, library, model_caption, model_ref, show_error
+from studio_ui import PLAN_KEY, library, method_label, model_caption, model_ref, show_error
 
 st.title("Run")
 model_caption()
@@ -15,6 +15,7 @@ if jobs is None:
     st.stop()
 from saten_core.models import resolve_device  # noqa: E402 - after the availability check above
 from saten_core.plan import Plan  # noqa: E402
+from saten_core.spec import METHODS, needs_stats  # noqa: E402
 
 plan_json = st.session_state.get(PLAN_KEY) or Plan(target_ratio=0.8).to_json()
 if PLAN_KEY not in st.session_state:
@@ -59,26 +60,44 @@ if not calibrated.needs_calibration():
     h2.caption(f"`{plan.method}` uses the weights alone and healing is off: no calibration text is read.")
 
 
-def job_plan() -> str:
-    """The Plan page's plan with this page's calibration and healing settings (an upload is saved first)."""
+compare = st.multiselect("Also run these methods at the same bytes, for comparison", [m for m in METHODS
+                         if m != plan.method], key="run_compare", format_func=method_label,
+                         disabled=plan.target_ratio is None,
+                         help="Same byte budget (spent uniformly), layers, calibration text, healing and evaluation."
+                         + ("" if plan.target_ratio is not None else " Needs a plan set by a byte target."))
+needs_text = calibrated.needs_calibration() or any(needs_stats(m) for m in compare)
+
+
+def with_calib() -> Plan:
+    """This page's plan with its calibration text: the bundled split, or the upload (saved on submit)."""
     from saten_core.corpus import save_user_text
 
-    calib = None
-    if calibrated.needs_calibration():
-        calib = str(save_user_text(upload.getvalue(), upload.name)) if upload is not None else "default"
-    return replace(calibrated, calib=calib).to_json()
+    if not needs_text:
+        return calibrated
+    return replace(calibrated, calib=str(save_user_text(upload.getvalue(), upload.name)) if upload else "default")
+
+
+def queued_message(job_id: int, ref_id: int | None, others: list) -> str:
+    extra = [f"reference job {ref_id} (the original model)"] if ref_id else []
+    extra += [f"job {i} ({m})" for m, i, _ in others if i is not None]
+    return f"Job {job_id} queued" + (", and " + ", ".join(extra) if extra else "") + "."
 
 
 if st.button("Submit job", type="primary", icon=":material/send:", key="run_submit"):
     try:
-        if source.startswith("My") and upload is None and calibrated.needs_calibration():
+        if source.startswith("My") and upload is None and needs_text:
             raise ValueError("choose a calibration text file, or use the bundled corpus")
-        job_id = jobs.submit(model_ref(), job_plan(), evaluate=evaluate, device=device,
+        full = with_calib()
+        mine = replace(full, calib=full.calib if full.needs_calibration() else None)
+        job_id = jobs.submit(model_ref(), mine.to_json(), evaluate=evaluate, device=device,
                              time_budget_s=budget * 60 if budget else None)
         ref_id = jobs.submit_reference(model_ref(), device=device) if evaluate and reference else None
+        others = jobs.submit_baselines(model_ref(), full.to_json(), compare, evaluate=evaluate, device=device,
+                                       time_budget_s=budget * 60 if budget else None)
         jobs.ensure_worker()
-        st.success(f"Job {job_id} queued" + (f", and reference job {ref_id} (the original model)." if ref_id
-                                            else "."))
+        st.success(queued_message(job_id, ref_id, others))
+        for method, _, reason in (o for o in others if o[1] is None):
+            st.warning(f"{method_label(method)} not queued: {reason}")
     except (ValueError, OSError) as exc:
         show_error(exc)
 

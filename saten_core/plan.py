@@ -282,6 +282,31 @@ def mask_group(plan: Plan) -> str:
     return "row" if plan.method in ("wanda", "saten-aw") else "layer"
 
 
+def baseline_plan(plan: Plan, method: str) -> Plan:
+    """The same byte budget, layers, calibration text and healing with another method: a fair comparison run.
+
+    Per-layer rank / eps / density overrides belong to the plan's own method (a per-layer allocation, most
+    often) and are dropped, so the baseline spends the same target_ratio uniformly; skips stay. The TT share and
+    joint rounds carry over only to a method with the same storage (saten <-> saten-aw); the top-k group goes back
+    to `auto`, each method's measured default. Raises ValueError when the plan has no byte target to match or
+    the result is not a valid plan (e.g. healing with frozen cores on a cores-only method).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if plan.target_ratio is None:
+        raise ValueError("a comparison at the same bytes needs a plan set by a byte target (target_ratio); this "
+                         f"one fixes rank {plan.rank}, eps {plan.eps}, density {plan.density}")
+    same_storage = storage_method(method) == storage_method(plan.method)
+    sparse = storage_method(method) in ("saten", "prune")
+    out = replace(plan, method=method, structure=plan.structure if sparse else "unstructured",
+                  overrides=[o for o in plan.overrides if o.skip], mask_group="auto",
+                  lowrank_share=plan.lowrank_share if same_storage else None,
+                  fit_rounds=plan.fit_rounds if same_storage else None)
+    out = replace(out, calib=plan.calib if out.needs_calibration() else None)
+    out.validate()
+    return out
+
+
 def model_byte_bounds(model: Any) -> tuple[int, int]:
     """(bytes outside the block linears' weights, dense model bytes): the open range a whole-model target needs."""
     from saten_core.models import linear_layers, parameter_bytes

@@ -243,6 +243,33 @@ def test_run_page_queues_the_reference_run_once_with_an_evaluated_job(tiny_llama
         jobs.request_cancel(job.id)
 
 
+def test_run_page_queues_chosen_baselines_at_the_plan_budget(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    plan = Plan(method="saten", target_ratio=0.6).to_json()
+    at = page("app_pages/run.py", model=str(tiny_llama_dir), **{PLAN_KEY: plan})
+    at.checkbox(key="run_reference").uncheck()
+    at.multiselect(key="run_compare").select("wanda").select("svd")
+    count = len(jobs.list_jobs())
+    at.button(key="run_submit").click().run()
+    no_exception(at)
+    assert at.success and "(wanda)" in at.success[0].value and "(svd)" in at.success[0].value, at.error
+    new = [Plan.from_json(j.plan_json) for j in jobs.list_jobs()[: len(jobs.list_jobs()) - count]]
+    assert [(p.method, p.target_ratio, p.calib) for p in new] == [("svd", 0.6, None), ("wanda", 0.6, "default"),
+                                                                   ("saten", 0.6, None)]
+    for job in jobs.list_jobs()[:3]:
+        jobs.request_cancel(job.id)
+
+
+def test_run_page_cannot_compare_a_plan_without_a_byte_target(tiny_llama_dir, no_spawn):
+    from saten_core.plan import Plan
+
+    at = page("app_pages/run.py", model=str(tiny_llama_dir), **{PLAN_KEY: Plan(method="saten", rank=4).to_json()})
+    no_exception(at)
+    assert at.multiselect(key="run_compare").disabled
+
+
 def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir, no_spawn):
     from saten_core import jobs
     from saten_core.plan import Plan

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from saten_core.jobs import store, worker
-from saten_core.plan import Plan
+from saten_core.plan import Override, Plan
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = Plan(method="saten", rank=4, density=0.05).to_json()
@@ -170,6 +170,17 @@ def test_reference_job_is_queued_once_per_model_device_and_length(tiny_llama_dir
     assert store.submit_reference(str(tiny_llama_dir), device="cpu") not in (None, *other)
     with pytest.raises(ValueError, match="device"):
         store.submit_reference(str(tiny_llama_dir), device="tpu")
+
+
+def test_baselines_are_queued_at_the_same_budget_and_refusals_reported(tiny_llama_dir: Path):
+    plan = Plan(method="saten", target_ratio=0.6, overrides=[Override("*", rank=2, density=0.1)]).to_json()
+    done = store.submit_baselines(str(tiny_llama_dir), plan, ["prune", "svd"], device="cpu")
+    assert [(m, i is not None, e) for m, i, e in done] == [("prune", True, None), ("svd", True, None)]
+    queued = [Plan.from_json(store.get_job(i).plan_json) for _, i, _ in done]
+    assert [(p.method, p.target_ratio, p.overrides) for p in queued] == [("prune", 0.6, []), ("svd", 0.6, [])]
+    assert all(store.get_job(i).evaluate for _, i, _ in done)
+    refused = store.submit_baselines(str(tiny_llama_dir), Plan(method="saten", rank=2).to_json(), ["wanda"])
+    assert refused[0][1] is None and "byte target" in refused[0][2]
 
 
 def test_time_budget_fails_with_reason(slow_llama_dir: Path):
@@ -361,6 +372,19 @@ def test_cli_submit_with_reference_queues_the_original_once(tiny_llama_dir: Path
     assert Plan.from_json(store.get_job(first["reference_id"]).plan_json).exclude == ["*"]
     refused = cli(*args, "--reference", home=job_home)
     assert refused.returncode == 2 and "--eval" in refused.stderr and len(store.list_jobs()) == 3
+
+
+def test_cli_submit_compare_queues_baselines_and_exits_2_on_a_refusal(tiny_llama_dir: Path, job_home: Path,
+                                                                        tmp_path: Path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(Plan(method="saten", target_ratio=0.6).to_json())
+    out = cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(plan_file), "--compare", "prune",
+              "magic", "--json", home=job_home)
+    assert out.returncode == 2, out.stderr
+    compared = json.loads(out.stdout)["compare"]
+    assert compared[0]["method"] == "prune" and compared[0]["error"] is None
+    assert compared[1]["id"] is None and "magic" in compared[1]["error"]
+    assert Plan.from_json(store.get_job(compared[0]["id"]).plan_json).method == "prune"
 
 
 @pytest.mark.parametrize("args", [("show", "424242"), ("cancel", "424242")])

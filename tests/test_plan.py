@@ -239,3 +239,35 @@ def test_plan_json_without_heal_core_lr_scale_heals_cores_at_the_plain_lr():
     assert plan.heal_core_lr_scale == 1.0
     assert heal_config(plan).core_lr_scale == 1.0
     assert heal_config(replace(plan, heal_core_lr_scale=0.25)).core_lr_scale == 0.25
+
+
+def test_baseline_plan_keeps_budget_layers_text_and_healing_but_not_the_allocation():
+    from saten_core.plan import baseline_plan
+
+    plan = Plan(method="saten-aw", target_ratio=0.5, lowrank_share=0.2, fit_rounds=3, mask_group="layer",
+                exclude=["*.v_proj"], calib="my.txt", heal_steps=8, heal_lr=3e-4,
+                overrides=[Override("*.0.*", rank=4, density=0.1), Override("*.1.*", skip=True)])
+    wanda = baseline_plan(plan, "wanda")
+    assert (wanda.method, wanda.target_ratio, wanda.exclude, wanda.calib, wanda.heal_steps, wanda.heal_lr) == \
+        ("wanda", 0.5, ["*.v_proj"], "my.txt", 8, 3e-4)
+    assert wanda.overrides == [Override("*.1.*", skip=True)]
+    assert (wanda.lowrank_share, wanda.fit_rounds, wanda.mask_group) == (None, None, "auto")
+    saten = baseline_plan(plan, "saten")
+    assert (saten.lowrank_share, saten.fit_rounds) == (0.2, 3)  # same storage: the split carries over
+    data_free = baseline_plan(replace(plan, heal_steps=0), "svd")
+    assert data_free.calib is None  # reads no text, so it names none
+    two_four = replace(plan, structure="2:4")
+    assert baseline_plan(two_four, "tt").structure == "unstructured"
+    assert baseline_plan(two_four, "wanda").structure == "2:4"
+
+
+@pytest.mark.parametrize("plan, method, match", [
+    (Plan(method="saten", rank=8, density=0.1), "wanda", "byte target"),
+    (Plan(method="saten", target_ratio=0.5), "magic", "magic"),
+    (Plan(method="saten-aw", target_ratio=0.5, heal_steps=4, heal_core_lr_scale=0.0), "svd", "nothing would heal"),
+])
+def test_baseline_plan_refuses_what_cannot_be_compared(plan, method, match):
+    from saten_core.plan import baseline_plan
+
+    with pytest.raises(ValueError, match=match):
+        baseline_plan(plan, method)

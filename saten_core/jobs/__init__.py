@@ -16,6 +16,7 @@ from saten_core.jobs.store import (
     recover_stale,
     request_cancel,
     submit,
+    submit_baselines,
     submit_reference,
     submit_spectrum,
 )
@@ -23,4 +24,4 @@ from saten_core.jobs.worker import ensure_worker, job_dir, read_log, run_worker
 
 __all__ = ["FINAL_STATUSES", "STATUSES", "Job", "ensure_worker", "get_job", "job_dir", "list_jobs",
            "read_log", "recover_stale", "request_cancel", "run_worker", "submit",
-           "submit_reference", "submit_spectrum"]
+           "submit_baselines", "submit_reference", "submit_spectrum"]

@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="fail the job after S seconds")
     p.add_argument("--reference", action="store_true", help="with --eval: also queue an evaluated run of the "
                    "original on the same device (speed comparisons and ROI need it), unless one is queued or done")
-    p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ...}')
+    p.add_argument("--compare", nargs="+", default=[], metavar="METHOD", help="also queue these methods at the "
+                   "plan's byte budget, same layers, calibration text and healing (the plan needs a target ratio)")
+    p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ..., "compare": ...}')
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
     p.add_argument("--status", choices=store.STATUSES, default=None)
@@ -62,11 +64,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, tokens=args.tokens,
                           device=args.device, time_budget_s=args.time_budget)
     ref_id = store.submit_reference(args.model, tokens=args.tokens, device=args.device) if args.reference else None
+    others = store.submit_baselines(args.model, read_plan_file(args.plan), args.compare, evaluate=args.eval,
+                                    tokens=args.tokens, device=args.device, time_budget_s=args.time_budget)
     if args.json:
-        print(json.dumps({"id": job_id} | ({"reference_id": ref_id} if args.reference else {})))
+        print(json.dumps({"id": job_id} | ({"reference_id": ref_id} if args.reference else {})
+                         | ({"compare": [{"method": m, "id": i, "error": e} for m, i, e in others]} if others else {})))
     else:
         print(f"queued job {job_id}" + (f" and reference job {ref_id}" if ref_id else ""))
-    return 0
+        for method, other_id, error in others:
+            print(f"queued {method} job {other_id}" if error is None else f"{method} not queued: {error}")
+    return 0 if all(e is None for _, _, e in others) else 2
 
 
 def cmd_list(args: argparse.Namespace) -> int:

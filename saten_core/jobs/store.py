@@ -379,6 +379,26 @@ def submit_reference(model_ref: str, *, tokens: int | None = None, device: str =
     return submit(ref, plan_json, evaluate=True, tokens=tokens, device=device)
 
 
+def submit_baselines(model_ref: str, plan_json: str, methods: list[str], *, evaluate: bool = True,
+                     tokens: int | None = None, device: str = "auto",
+                     time_budget_s: float | None = None) -> list[tuple[str, int | None, str | None]]:
+    """Queue one job per method at the plan's byte budget (plan.baseline_plan): (method, job id, None) when
+    queued, (method, None, reason) when that method cannot run this plan. One refusal does not stop the others.
+    """
+    from saten_core.plan import Plan, baseline_plan
+
+    plan = Plan.from_json(plan_json)
+    done: list[tuple[str, int | None, str | None]] = []
+    for method in methods:
+        try:
+            job_id = submit(model_ref, baseline_plan(plan, method).to_json(), evaluate=evaluate, tokens=tokens,
+                            device=device, time_budget_s=time_budget_s)
+            done.append((method, job_id, None))
+        except ValueError as exc:
+            done.append((method, None, str(exc)))
+    return done
+
+
 def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
     """Queue the all-layer spectrum scan of a model (minutes on a CPU); the worker fills the disk cache.
 
