@@ -6,7 +6,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from studio_ui import PLAN_KEY, library, method_label, model_caption, model_ref, show_error
+from studio_ui import PLAN_KEY, library, loaded_model, method_label, model_caption, model_ref, show_error
 
 st.title("Run")
 model_caption()
@@ -62,9 +62,9 @@ if not calibrated.needs_calibration():
 
 compare = st.multiselect("Also run these methods at the same bytes, for comparison", [m for m in METHODS
                          if m != plan.method], key="run_compare", format_func=method_label,
-                         disabled=plan.target_ratio is None,
-                         help="Same byte budget (spent uniformly), layers, calibration text, healing and evaluation."
-                         + ("" if plan.target_ratio is not None else " Needs a plan set by a byte target."))
+                         disabled=plan.eps is not None, help="Same bytes as this plan keeps (spent uniformly: "
+                         "per-layer allocations are not carried over), layers, calibration text, healing and "
+                         "evaluation." + (" An error-bound plan has no byte budget to match." if plan.eps else ""))
 needs_text = calibrated.needs_calibration() or any(needs_stats(m) for m in compare)
 
 
@@ -92,7 +92,9 @@ if st.button("Submit job", type="primary", icon=":material/send:", key="run_subm
         job_id = jobs.submit(model_ref(), mine.to_json(), evaluate=evaluate, device=device,
                              time_budget_s=budget * 60 if budget else None)
         ref_id = jobs.submit_reference(model_ref(), device=device) if evaluate and reference else None
-        others = jobs.submit_baselines(model_ref(), full.to_json(), compare, evaluate=evaluate, device=device,
+        lm = loaded_model() if compare and plan.target_ratio is None else None  # measures the plan's budget
+        others = jobs.submit_baselines(model_ref(), full.to_json(), compare if lm or plan.target_ratio else [],
+                                       evaluate=evaluate, device=device, model=lm.model if lm else None,
                                        time_budget_s=budget * 60 if budget else None)
         jobs.ensure_worker()
         st.success(queued_message(job_id, ref_id, others))

@@ -282,29 +282,47 @@ def mask_group(plan: Plan) -> str:
     return "row" if plan.method in ("wanda", "saten-aw") else "layer"
 
 
-def baseline_plan(plan: Plan, method: str) -> Plan:
+def baseline_plan(plan: Plan, method: str, ratio: float | None = None) -> Plan:
     """The same byte budget, layers, calibration text and healing with another method: a fair comparison run.
 
-    Per-layer rank / eps / density overrides belong to the plan's own method (a per-layer allocation, most
-    often) and are dropped, so the baseline spends the same target_ratio uniformly; skips stay. The TT share and
-    joint rounds carry over only to a method with the same storage (saten <-> saten-aw); the top-k group goes back
-    to `auto`, each method's measured default. Raises ValueError when the plan has no byte target to match or
-    the result is not a valid plan (e.g. healing with frozen cores on a cores-only method).
+    The budget is `ratio` (budget_ratio of the plan on its model) or else the plan's target_ratio. Per-layer
+    rank / eps / density overrides belong to the plan's own method (a per-layer allocation, most often) and are
+    dropped, so the baseline spends that budget uniformly; skips stay. The TT share and joint rounds carry over
+    only to a method with the same storage (saten <-> saten-aw); the top-k group goes back to `auto`, each
+    method's measured default. Raises ValueError when there is no budget to match or the result is not a valid
+    plan (e.g. healing with frozen cores on a cores-only method).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if plan.target_ratio is None:
-        raise ValueError("a comparison at the same bytes needs a plan set by a byte target (target_ratio); this "
-                         f"one fixes rank {plan.rank}, eps {plan.eps}, density {plan.density}")
+    ratio = plan.target_ratio if ratio is None else ratio
+    if ratio is None:
+        raise ValueError("a comparison at the same bytes needs the plan's byte budget: give its kept ratio "
+                         f"(budget_ratio) or a target_ratio; this plan fixes rank {plan.rank}, eps {plan.eps}")
     same_storage = storage_method(method) == storage_method(plan.method)
     sparse = storage_method(method) in ("saten", "prune")
-    out = replace(plan, method=method, structure=plan.structure if sparse else "unstructured",
-                  overrides=[o for o in plan.overrides if o.skip], mask_group="auto",
-                  lowrank_share=plan.lowrank_share if same_storage else None,
+    out = replace(plan, method=method, structure=plan.structure if sparse else "unstructured", target_ratio=ratio,
+                  rank=None, eps=None, density=0.0, overrides=[o for o in plan.overrides if o.skip],
+                  mask_group="auto", lowrank_share=plan.lowrank_share if same_storage else None,
                   fit_rounds=plan.fit_rounds if same_storage else None)
     out = replace(out, calib=plan.calib if out.needs_calibration() else None)
     out.validate()
     return out
+
+
+def budget_ratio(model: Any, plan: Plan) -> float:
+    """Fraction of the changed layers' bytes the plan keeps: the target_ratio at which a baseline spends the same.
+
+    An allocated plan has no target_ratio (its overrides fix every layer) and a fixed rank/density plan never
+    had one, so it is measured by a dry run. An error-bound (eps) plan has no bytes before compressing.
+    """
+    if plan.target_ratio is not None:
+        return plan.target_ratio
+    rows = [r for r in dry_run(model, plan) if r["changed"]]
+    if not rows:
+        raise ValueError("the plan changes no layer: there is no budget to compare at")
+    if any(r["predicted_bytes"] is None for r in rows):
+        raise ValueError("an error-bound (eps) plan has no predicted bytes: compare at a byte target instead")
+    return sum(r["predicted_bytes"] for r in rows) / sum(r["bytes_before"] for r in rows)
 
 
 def model_byte_bounds(model: Any) -> tuple[int, int]:

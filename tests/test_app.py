@@ -262,12 +262,24 @@ def test_run_page_queues_chosen_baselines_at_the_plan_budget(tiny_llama_dir, no_
         jobs.request_cancel(job.id)
 
 
-def test_run_page_cannot_compare_a_plan_without_a_byte_target(tiny_llama_dir, no_spawn):
-    from saten_core.plan import Plan
+def test_run_page_compares_an_allocated_plan_at_the_bytes_it_keeps(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+    from saten_core.plan import Override, Plan
 
-    at = page("app_pages/run.py", model=str(tiny_llama_dir), **{PLAN_KEY: Plan(method="saten", rank=4).to_json()})
+    allocated = Plan(method="saten", overrides=[Override("*.0.*", rank=2, density=0.05),
+                                                Override("*.1.*", rank=4, density=0.2)])
+    at = page("app_pages/run.py", model=str(tiny_llama_dir), **{PLAN_KEY: allocated.to_json()})
+    at.checkbox(key="run_eval").uncheck()
+    at.multiselect(key="run_compare").select("prune")
+    at.button(key="run_submit").click().run()
     no_exception(at)
-    assert at.multiselect(key="run_compare").disabled
+    assert "(prune)" in at.success[0].value, [e.value for e in at.error]
+    newest = Plan.from_json(jobs.list_jobs()[0].plan_json)
+    assert newest.method == "prune" and 0 < newest.target_ratio < 1 and newest.overrides == []
+    for job in jobs.list_jobs()[:2]:
+        jobs.request_cancel(job.id)
+    eps = page("app_pages/run.py", model=str(tiny_llama_dir), **{PLAN_KEY: Plan(method="saten", eps=0.3).to_json()})
+    assert eps.multiselect(key="run_compare").disabled
 
 
 def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir, no_spawn):

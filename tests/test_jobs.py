@@ -179,8 +179,11 @@ def test_baselines_are_queued_at_the_same_budget_and_refusals_reported(tiny_llam
     queued = [Plan.from_json(store.get_job(i).plan_json) for _, i, _ in done]
     assert [(p.method, p.target_ratio, p.overrides) for p in queued] == [("prune", 0.6, []), ("svd", 0.6, [])]
     assert all(store.get_job(i).evaluate for _, i, _ in done)
-    refused = store.submit_baselines(str(tiny_llama_dir), Plan(method="saten", rank=2).to_json(), ["wanda"])
-    assert refused[0][1] is None and "byte target" in refused[0][2]
+    fixed = store.submit_baselines(str(tiny_llama_dir), Plan(method="saten", rank=2).to_json(), ["prune"])
+    ratio = Plan.from_json(store.get_job(fixed[0][1]).plan_json).target_ratio
+    assert 0 < ratio < 1  # measured on the model: a rank-2 plan has no target_ratio of its own
+    refused = store.submit_baselines(str(tiny_llama_dir), Plan(method="saten", eps=0.3).to_json(), ["wanda", "svd"])
+    assert [i for _, i, _ in refused] == [None, None] and all("error-bound" in e for _, _, e in refused)
 
 
 def test_time_budget_fails_with_reason(slow_llama_dir: Path):

@@ -262,7 +262,7 @@ def test_baseline_plan_keeps_budget_layers_text_and_healing_but_not_the_allocati
 
 
 @pytest.mark.parametrize("plan, method, match", [
-    (Plan(method="saten", rank=8, density=0.1), "wanda", "byte target"),
+    (Plan(method="saten", rank=8, density=0.1), "wanda", "byte budget"),
     (Plan(method="saten", target_ratio=0.5), "magic", "magic"),
     (Plan(method="saten-aw", target_ratio=0.5, heal_steps=4, heal_core_lr_scale=0.0), "svd", "nothing would heal"),
 ])
@@ -271,3 +271,23 @@ def test_baseline_plan_refuses_what_cannot_be_compared(plan, method, match):
 
     with pytest.raises(ValueError, match=match):
         baseline_plan(plan, method)
+
+
+def test_budget_ratio_measures_a_plan_without_a_target_on_the_changed_layers(tiny_llama_dir):
+    """A baseline at budget_ratio spends what the plan's changed layers spend (skipped layers count on neither)."""
+    from saten_core.models import load_model
+    from saten_core.plan import baseline_plan, budget_ratio
+
+    model = load_model(str(tiny_llama_dir)).model
+    assert budget_ratio(model, Plan(method="saten", target_ratio=0.7)) == 0.7
+    fixed = Plan(method="saten", rank=2, density=0.1, overrides=[Override("*.1.*", skip=True)])
+    ratio = budget_ratio(model, fixed)
+    rows = [r for r in dry_run(model, fixed) if r["changed"]]
+    assert ratio == pytest.approx(sum(r["predicted_bytes"] for r in rows) / sum(r["bytes_before"] for r in rows))
+    assert 0 < ratio < 0.5
+    wanda = dry_run_totals(dry_run(model, baseline_plan(fixed, "prune", ratio)))
+    assert wanda["predicted_bytes"] == pytest.approx(dry_run_totals(dry_run(model, fixed))["predicted_bytes"], rel=0.02)
+    with pytest.raises(ValueError, match="error-bound"):
+        budget_ratio(model, Plan(method="saten", eps=0.3))
+    with pytest.raises(ValueError, match="changes no layer"):
+        budget_ratio(model, Plan(exclude=["*"]))

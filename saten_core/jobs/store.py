@@ -380,23 +380,43 @@ def submit_reference(model_ref: str, *, tokens: int | None = None, device: str =
 
 
 def submit_baselines(model_ref: str, plan_json: str, methods: list[str], *, evaluate: bool = True,
-                     tokens: int | None = None, device: str = "auto",
-                     time_budget_s: float | None = None) -> list[tuple[str, int | None, str | None]]:
+                     tokens: int | None = None, device: str = "auto", time_budget_s: float | None = None,
+                     model: Any = None) -> list[tuple[str, int | None, str | None]]:
     """Queue one job per method at the plan's byte budget (plan.baseline_plan): (method, job id, None) when
     queued, (method, None, reason) when that method cannot run this plan. One refusal does not stop the others.
+
+    A plan without a target_ratio (allocated, or fixed rank/density) is measured on `model` (loaded when not
+    given) to find the ratio of bytes it keeps.
     """
     from saten_core.plan import Plan, baseline_plan
 
     plan = Plan.from_json(plan_json)
+    if not methods:
+        return []
+    try:
+        ratio = _plan_ratio(model_ref, plan, model)
+    except ValueError as exc:
+        return [(method, None, str(exc)) for method in methods]
     done: list[tuple[str, int | None, str | None]] = []
     for method in methods:
         try:
-            job_id = submit(model_ref, baseline_plan(plan, method).to_json(), evaluate=evaluate, tokens=tokens,
-                            device=device, time_budget_s=time_budget_s)
+            job_id = submit(model_ref, baseline_plan(plan, method, ratio).to_json(), evaluate=evaluate,
+                            tokens=tokens, device=device, time_budget_s=time_budget_s)
             done.append((method, job_id, None))
         except ValueError as exc:
             done.append((method, None, str(exc)))
     return done
+
+
+def _plan_ratio(model_ref: str, plan: Any, model: Any) -> float:
+    """The plan's kept byte ratio; the model is loaded (on the CPU) only when the plan has no target_ratio."""
+    from saten_core.plan import budget_ratio
+
+    if plan.target_ratio is None and model is None:
+        from saten_core.models import load_model
+
+        model = load_model(check_model_ref(model_ref), device="cpu").model
+    return budget_ratio(model, plan)
 
 
 def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
