@@ -182,12 +182,15 @@ def _plan_summary(plan: dict) -> tuple[str, bool]:
     baseline = "*" in (plan.get("exclude") or []) or not plan.get("include", ["*"])
     if baseline:
         return "original (reference)", True
+    set_per_layer = sum(1 for o in plan.get("overrides") or [] if not o.get("skip"))
     what = (f"{plan['target_ratio']:.0%} bytes" if plan.get("target_ratio") else
-            f"rank {plan['rank']}" if plan.get("rank") else f"eps {plan['eps']}" if plan.get("eps") else "")
+            f"rank {plan['rank']}" if plan.get("rank") else f"eps {plan['eps']}" if plan.get("eps") else
+            f"per-layer plan ({set_per_layer} layer{'s' * (set_per_layer != 1)} set)" if set_per_layer else "")
     dens = f", d={plan['density']:g}" if plan.get("density") and not plan.get("target_ratio") else ""
     struct = " 2:4" if plan.get("structure") == "2:4" else ""
+    heal = f", healed {plan['heal_steps']} steps" if plan.get("heal_steps") else ""
     part = "" if plan.get("include", ["*"]) == ["*"] else f" (only {', '.join(plan['include'])})"
-    return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + part, False
+    return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + heal + part, False
 
 
 def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:

@@ -158,3 +158,11 @@ def test_newest_model_is_the_latest_runs_model():
     jobs = [_job(1, {"method": "saten"}), {**_job(3, {"method": "svd"}), "model_ref": "b-model"},
             {**_job(2, {"method": "tt"}), "model_ref": "z-model"}]
     assert charts.newest_model(charts.runs_frame(jobs)) == "b-model"
+
+
+def test_runs_frame_labels_allocated_and_healed_runs_apart():
+    """An allocated plan has no target_ratio and a healed run differs from its unhealed twin: labels say so."""
+    allocated = {"method": "saten-aw", "overrides": [{"pattern": "a", "rank": 2, "density": 0.1, "skip": False},
+                                                     {"pattern": "b", "skip": True}], "heal_steps": 128}
+    labels = charts.runs_frame([_job(7, allocated), _job(8, {"method": "wanda", "target_ratio": 0.5})])["label"]
+    assert labels.tolist() == ["#7 saten-aw per-layer plan (1 layer set), healed 128 steps", "#8 wanda 50% bytes"]
