@@ -29,8 +29,9 @@ try:
     c1.caption(f"This job will run on **{resolve_device(device)}**.")
 except ValueError as exc:
     c1.warning(str(exc))
-evaluate = c2.checkbox("Evaluate after compressing (perplexity, agreement, latency)", value=True, key="run_eval")
-reference = c2.checkbox("Also time the original model on this device (once)", value=True, key="run_reference",
+evaluate = c2.checkbox("Evaluate the result", value=True, key="run_eval",
+                       help="After compressing: perplexity, agreement with the original and decode latency.")
+reference = c2.checkbox("Time the original too", value=True, key="run_reference",
                         disabled=not evaluate, help="Speed and ROI compare a run with the original measured on the "
                         "same device; this queues that reference job unless one is already queued or done.")
 budget = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 24 * 60.0, 0.0, 1.0, key="run_budget")
