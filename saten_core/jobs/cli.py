@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", action="store_true", help="with --eval: also queue an evaluated run of the "
                    "original on the same device (speed comparisons and ROI need it), unless one is queued or done")
     p.add_argument("--compare", nargs="+", default=[], metavar="METHOD", help="also queue these methods at the "
-                   "plan's byte budget, same layers, calibration text and healing (the plan needs a target ratio)")
+                   "plan's byte budget, same layers, calibration text and healing (a plan without a target ratio is "
+                   "measured on the model); exit 2 when one of them cannot run")
     p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ..., "compare": ...}')
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
