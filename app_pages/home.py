@@ -2,7 +2,15 @@
 
 import streamlit as st
 
-from saten_core.demo import DEMO_EVAL_TOKENS, DEMO_MODEL, DEMO_SCOPE, DEMO_TARGET, demo_method, submit_demo
+from saten_core.demo import (
+    DEMO_EVAL_TOKENS,
+    DEMO_MODEL,
+    DEMO_SCOPE,
+    DEMO_TARGET,
+    comparison_method,
+    demo_method,
+    submit_demo,
+)
 from studio_ui import MODEL_KEY, library, show_error
 
 st.title("Saten Studio")
@@ -17,8 +25,9 @@ st.markdown(f"""
    to {DEMO_TARGET:.0%} of their bytes with
    `{demo_method()}`, and measures perplexity, agreement with the original and decode latency on
    {DEMO_EVAL_TOKENS} held-out tokens. A second small job measures the original model on the same machine, so the
-   comparison is fair. Full runs (every layer, 2048 tokens) are set up on **Plan** and **Run**.
-4. **Run** — watch both jobs' progress live.
+   comparison is fair, and a third compresses the same layers to the same bytes with `{comparison_method()}`, the
+   baseline to beat. Full runs (every layer, 2048 tokens) are set up on **Plan** and **Run**.
+4. **Run** — watch the three jobs' progress live.
 5. **Results** and **ROI** — the trade-off chart, both models answering one prompt, the money, and a one-click
    report to forward.
 """)
@@ -27,10 +36,10 @@ jobs = library("jobs", "The job queue")
 if jobs and st.button("Start the demo run", type="primary", icon=":material/rocket_launch:", key="demo_start"):
     st.session_state[MODEL_KEY] = DEMO_MODEL
     try:
-        ref_id, demo_id = submit_demo()
+        ref_id, demo_id, other_id = submit_demo()
         jobs.ensure_worker()
-        st.success(f"Queued jobs {ref_id} (original, for reference) and {demo_id} (demo: {demo_method()} at "
-                   f"{DEMO_TARGET:.0%} on {DEMO_SCOPE}).")
+        st.success(f"Queued jobs {ref_id} (original, for reference), {other_id} (baseline: {comparison_method()} "
+                   f"at the same bytes) and {demo_id} (demo: {demo_method()} at {DEMO_TARGET:.0%} on {DEMO_SCOPE}).")
     except (ValueError, OSError) as exc:
         show_error(exc)
 st.page_link("app_pages/run.py", label="Follow the jobs on the Run page", icon=":material/play_circle:")

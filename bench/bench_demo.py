@@ -1,10 +1,11 @@
-"""Bench: the home page's guided demo, end to end, as a manager would run it (both jobs, one worker, CPU).
+"""Bench: the home page's guided demo, end to end, as a manager would run it (its three jobs, one worker, CPU).
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_demo.py [--home DIR]
 Submits the demo exactly as the Home page does (saten_core.demo.submit_demo: a reference job that measures the
-original, then the demo compression), runs one worker in this process until the queue is empty, and prints
-each job's wall time and measured numbers as a Markdown table. SATEN_HOME defaults to a fresh temporary folder,
-so nothing of a real store is touched; the embedded model cache is shared (SATEN_MODEL_CACHE / setup.sh).
+original, the baseline at the same bytes, then the demo compression), runs one worker in this process until the
+queue is empty, and prints each job's wall time and measured numbers as a Markdown table. SATEN_HOME defaults to
+a fresh temporary folder, so nothing of a real store is touched; the embedded model cache is shared
+(SATEN_MODEL_CACHE / setup.sh).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}; demo = {demo_plan().method} on {DEMO_SCOPE}")
     print("| job | status | wall s | ppl | KL | top-1 | decode ms/token | changed-layer bytes kept |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for job_id in ids:
+    for job_id, role in zip(ids, ("reference", "demo", "baseline"), strict=True):
         j = jobs.get_job(job_id)
         kept = f"{j.bytes_after / j.bytes_before:.3f}" if j.bytes_before else "-"
-        print(f"| {job_id} {'reference' if job_id == ids[0] else 'demo'} | {j.status} | "
+        print(f"| {job_id} {role} | {j.status} | "
               f"{j.finished_at - j.started_at:.1f} | {j.ppl:.2f} | {j.kl:.4f} | {j.top1_agreement:.3f} | "
               f"{j.decode_ms_per_token:.1f} | {kept} |")
-    print(f"from the click to both results: {total:.1f} s")
+    print(f"from the click to all three results: {total:.1f} s")
 
 
 if __name__ == "__main__":

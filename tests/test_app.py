@@ -56,7 +56,8 @@ def test_home_renders_and_demo_queues_reference_and_compression(no_spawn):
     at.button(key="demo_start").click().run()
     no_exception(at)
     new = jobs.list_jobs()[: len(jobs.list_jobs()) - before]
-    assert len(new) == 2 and {j.model_ref for j in new} == {"smollm2-135m"}
+    assert len(new) == 3 and {j.model_ref for j in new} == {"smollm2-135m"}
+    assert "(baseline: wanda at the same bytes)" in at.success[0].value
     assert no_spawn, "the demo must start a worker"
     for j in new:
         jobs.request_cancel(j.id)

@@ -201,8 +201,9 @@ def test_manager_demo_path_end_to_end(server, browser_page):
     open_page(page, "Home", heading="Saten Studio")
     page.get_by_role("button", name="Start the demo run").click()
     idle(page)
-    ids = [int(i) for i in re.findall(r"(\d+) \((?:original|demo)", page.get_by_test_id("stAlert").first.inner_text())]
-    assert len(ids) == 2, page.get_by_test_id("stAlert").first.inner_text()
+    queued = page.get_by_test_id("stAlert").first.inner_text()
+    ids = [int(i) for i in re.findall(r"(\d+) \((?:original|baseline|demo)", queued)]
+    assert len(ids) == 3, queued
 
     open_page(page, "Run")
     wait_for_jobs(ids)
@@ -232,7 +233,7 @@ def test_manager_demo_path_end_to_end(server, browser_page):
 
 
 def wait_for_jobs(ids: list[int]) -> None:
-    """Both demo jobs run for real in the worker the page started; fail with the job's reason if one fails."""
+    """The demo's jobs run for real in the worker the page started; fail with the job's reason if one fails."""
     from saten_core import jobs
 
     deadline = time.time() + JOB_TIMEOUT_S

@@ -22,19 +22,24 @@ def test_demo_plan_touches_only_the_named_layers_and_round_trips():
         assert plan.calib == "default" and plan.calib_tokens == demo.DEMO_CALIB_TOKENS
 
 
-def test_baseline_plan_changes_nothing():
-    assert not any(selected(demo.baseline_plan(), n) for n in ("model.layers.0.mlp.up_proj", "x"))
+def test_reference_plan_changes_nothing():
+    assert not any(selected(demo.reference_plan(), n) for n in ("model.layers.0.mlp.up_proj", "x"))
 
 
-def test_submit_demo_queues_reference_then_demo_with_short_evaluation():
+def test_submit_demo_queues_reference_baseline_then_demo_with_short_evaluation():
     from saten_core import jobs
 
-    ref_id, demo_id = demo.submit_demo()
+    ref_id, demo_id, other_id = demo.submit_demo()
     try:
-        ref, run = jobs.get_job(ref_id), jobs.get_job(demo_id)
-        assert ref_id < demo_id and ref.model_ref == run.model_ref == demo.DEMO_MODEL
-        assert ref.evaluate and run.evaluate and ref.eval_tokens == run.eval_tokens == demo.DEMO_EVAL_TOKENS
+        ref, run, other = jobs.get_job(ref_id), jobs.get_job(demo_id), jobs.get_job(other_id)
+        assert ref_id < other_id < demo_id  # the demo is the newest run: Results and ROI open on it
+        assert ref.model_ref == run.model_ref == other.model_ref == demo.DEMO_MODEL
+        assert all(j.evaluate and j.eval_tokens == demo.DEMO_EVAL_TOKENS for j in (ref, run, other))
         assert Plan.from_json(run.plan_json) == demo.demo_plan()
+        baseline = Plan.from_json(other.plan_json)
+        assert (baseline.method, baseline.target_ratio, baseline.include) == \
+            ("wanda", demo.DEMO_TARGET, demo.DEMO_LAYERS)
+        assert (baseline.calib, baseline.calib_tokens) == ("default", demo.DEMO_CALIB_TOKENS)
     finally:
-        for i in (ref_id, demo_id):
+        for i in (ref_id, demo_id, other_id):
             jobs.request_cancel(i)
