@@ -8,7 +8,7 @@ and its label says it is a demo on part of the model.
 
 from __future__ import annotations
 
-from saten_core.plan import Plan
+from saten_core.plan import Plan, baseline_plan, reference_plan
 from saten_core.spec import METHODS
 
 DEMO_MODEL = "smollm2-135m"
@@ -32,15 +32,10 @@ def demo_plan() -> Plan:
     return plan
 
 
-def reference_plan() -> Plan:
-    """A plan that changes no layer: its job measures the original model with the same code and token count."""
-    return Plan(exclude=["*"])
-
-
 def comparison_method() -> str:
     """The baseline the demo runs at the same bytes: Wanda, the strongest simple method measured on SmolLM2
     (docs/BENCHMARKS.md), so the demo shows whether Saten beats it rather than only that it runs."""
-    return "wanda" if "wanda" in METHODS else "prune"
+    return "wanda"
 
 
 def submit_demo(model_ref: str = DEMO_MODEL) -> tuple[int, int, int]:
@@ -52,7 +47,6 @@ def submit_demo(model_ref: str = DEMO_MODEL) -> tuple[int, int, int]:
     newest run the Results and ROI pages open on.
     """
     from saten_core import jobs
-    from saten_core.plan import baseline_plan
 
     plan = demo_plan()
     ref_id = jobs.submit(model_ref, reference_plan().to_json(), evaluate=True, tokens=DEMO_EVAL_TOKENS)

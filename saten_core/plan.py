@@ -282,6 +282,11 @@ def mask_group(plan: Plan) -> str:
     return "row" if plan.method in ("wanda", "saten-aw") else "layer"
 
 
+def reference_plan() -> Plan:
+    """A plan that changes no layer: its job measures the original model with the same code and token count."""
+    return Plan(exclude=["*"])
+
+
 def baseline_plan(plan: Plan, method: str, ratio: float | None = None) -> Plan:
     """The same byte budget, layers, calibration text and healing with another method: a fair comparison run.
 

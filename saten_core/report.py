@@ -41,6 +41,11 @@ def decision_line(roi: RoiResult) -> str:
     return f"Decision: {'GO' if roi.go else 'NO-GO'} for this PoC ({'; '.join(roi.criteria)})."
 
 
+def summary(roi: RoiResult) -> list[str]:
+    """The reports' summary: the decision first, then the headline."""
+    return [decision_line(roi), *headline(roi)]
+
+
 def headline(roi: RoiResult) -> list[str]:
     """Short sentences that say the result in plain words (speed, size, quality, money)."""
     speed = "faster" if roi.speedup >= 1 else "SLOWER"
@@ -77,7 +82,7 @@ def to_markdown(data: ReportInput) -> str:
     """Markdown report: headline, ROI table, run history, assumptions, caveats (charts only in the HTML)."""
     table = markdown_table(pd.DataFrame(roi_table(data.roi)))
     parts = [f"# {data.title}", f"Run: **{data.run_label}** — generated {_stamp()}", "## Summary",
-             *[f"- {line}" for line in [decision_line(data.roi), *headline(data.roi)]], "## Cost comparison", table]
+             *[f"- {line}" for line in summary(data.roi)], "## Cost comparison", table]
     if len(data.runs):
         parts += ["## Runs", markdown_table(data.runs)]
     if data.figures:
@@ -109,7 +114,7 @@ def to_html(data: ReportInput) -> str:
     """Self-contained HTML (plotly.js inlined once, so it opens offline) with charts, tables and caveats."""
     body = [f"<h1>{html.escape(data.title)}</h1>",
             f"<p>Run: <b>{html.escape(data.run_label)}</b> — generated {_stamp()}</p>",
-            "<h2>Summary</h2>", _html_list([decision_line(data.roi), *headline(data.roi)]),
+            "<h2>Summary</h2>", _html_list(summary(data.roi)),
             "<h2>Cost comparison</h2>", _html_table(pd.DataFrame(roi_table(data.roi)))]
     if len(data.runs):
         body += ["<h2>Runs</h2>", _html_table(data.runs)]

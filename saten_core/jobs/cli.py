@@ -62,10 +62,11 @@ def read_plan_file(path: str) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.reference and not args.eval:
         raise ValueError("--reference times the original for comparison with an evaluated run: add --eval")
-    job_id = store.submit(args.model, read_plan_file(args.plan), evaluate=args.eval, tokens=args.tokens,
+    plan_json = read_plan_file(args.plan)
+    job_id = store.submit(args.model, plan_json, evaluate=args.eval, tokens=args.tokens,
                           device=args.device, time_budget_s=args.time_budget)
     ref_id = store.submit_reference(args.model, tokens=args.tokens, device=args.device) if args.reference else None
-    others = store.submit_baselines(args.model, read_plan_file(args.plan), args.compare, evaluate=args.eval,
+    others = store.submit_baselines(args.model, plan_json, args.compare, evaluate=args.eval,
                                     tokens=args.tokens, device=args.device, time_budget_s=args.time_budget)
     if args.json:
         print(json.dumps({"id": job_id} | ({"reference_id": ref_id} if args.reference else {})

@@ -369,9 +369,9 @@ def submit_reference(model_ref: str, *, tokens: int | None = None, device: str =
     original's measured by such a job on the same device. "Already there": a queued, running or succeeded
     reference job of this model, device request and evaluation length. Returns the new job's id, or None.
     """
-    from saten_core.plan import Plan
+    from saten_core.plan import reference_plan
 
-    ref, plan_json = check_model_ref(model_ref), Plan(exclude=["*"]).to_json()
+    ref, plan_json = check_model_ref(model_ref), reference_plan().to_json()
     for job in list_jobs():
         if (job.model_ref, job.plan_json, job.device_requested, job.eval_tokens) == (ref, plan_json, device, tokens) \
                 and job.task == "compress" and job.evaluate and job.status in ("queued", "running", "succeeded"):
@@ -425,10 +425,10 @@ def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
     It is a job, not a call in the dashboard process, so it shows progress, can be cancelled and survives the page.
     The row carries a plan that changes nothing (the table needs one); `Job.task` says "spectrum".
     """
-    from saten_core.plan import Plan
+    from saten_core.plan import reference_plan
 
     settings = {"task": "spectrum", "evaluate": False, "tokens": None}
-    return insert_job(check_model_ref(model_ref), Plan(exclude=["*"]).to_json(), eval_settings=settings,
+    return insert_job(check_model_ref(model_ref), reference_plan().to_json(), eval_settings=settings,
                       device=check_device(device))
 
 
