@@ -15,6 +15,7 @@ import streamlit as st
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_KEY = "model_ref"  # plain session value (not a widget key), so it survives page switches
 PLAN_KEY = "plan_json"
+DTYPE_KEY = "deploy_dtype"  # plain session value: the dtype the model is served in, chosen on the Model page
 # Human names for saten_core.spec.METHODS; a method added there and not here shows under its code name.
 METHOD_LABELS = {
     "saten": "Saten: tensor train + sparse residual",
@@ -37,15 +38,28 @@ def model_ref() -> str:
     return st.session_state.get(MODEL_KEY, DEFAULT_MODEL)
 
 
+def deploy_dtype() -> str:
+    """The deploy dtype every page counts bytes at and plans carry (bfloat16 until changed on the Model page)."""
+    from saten_core.deploy.dtype import DEFAULT_DTYPE
+
+    return st.session_state.get(DTYPE_KEY, DEFAULT_DTYPE)
+
+
 @st.cache_resource(show_spinner="Loading model ...", max_entries=2)
-def _load(ref: str) -> Any:
+def _load_at(ref: str, dtype: str) -> Any:
+    from saten_core.deploy.dtype import torch_dtype
     from saten_core.models import load_model
 
-    return load_model(ref)
+    return load_model(ref, dtype=torch_dtype(dtype))
+
+
+def _load(ref: str) -> Any:
+    """The model at the session's deploy dtype (cached per model and dtype)."""
+    return _load_at(ref, deploy_dtype())
 
 
 def loaded_model(ref: str | None = None) -> Any | None:
-    """The cached LoadedModel, or None after showing the one-line reason (bad path, offline hub ...)."""
+    """The cached LoadedModel at the deploy dtype, or None after showing the one-line reason (bad path ...)."""
     ref = ref or model_ref()
     try:
         return _load(ref)

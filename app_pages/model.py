@@ -3,7 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from studio_ui import DEFAULT_MODEL, MODEL_KEY, human_bytes, loaded_model, model_ref
+from saten_core.deploy.dtype import DTYPES
+from studio_ui import DEFAULT_MODEL, DTYPE_KEY, MODEL_KEY, deploy_dtype, human_bytes, loaded_model, model_ref
 
 st.title("Model")
 
@@ -28,6 +29,13 @@ else:
 if not ref:
     st.stop()
 st.session_state[MODEL_KEY] = ref
+dtype = st.selectbox("Deploy dtype", DTYPES, index=DTYPES.index(deploy_dtype()), key="model_dtype",
+                     help="The precision the model is served in. The original, the compressed parts and every "
+                     "byte count use it; 16-bit is how LLMs are deployed.")
+st.session_state[DTYPE_KEY] = dtype
+if dtype == "float32":
+    st.info("At float32 every saving includes what a plain 16-bit cast gives for free (half the bytes, no quality "
+            "loss): Results and ROI show that cast as a reference point.")
 
 lm = loaded_model(ref)
 if lm is None:
@@ -35,13 +43,13 @@ if lm is None:
 
 
 @st.cache_data(show_spinner=False)
-def layers(ref: str) -> pd.DataFrame:
+def layers(ref: str, dtype: str) -> pd.DataFrame:
     from saten_core.models import layer_table
 
     return pd.DataFrame(layer_table(loaded_model(ref).model))
 
 
-table = layers(ref)
+table = layers(ref, dtype)
 total = sum(p.numel() for p in lm.model.parameters())
 cols = st.columns(4)
 cols[0].metric("Parameters", f"{total / 1e6:,.1f} M")
@@ -49,6 +57,6 @@ cols[1].metric("Block-linear bytes", human_bytes(int(table["bytes"].sum())))
 cols[2].metric("Compressible layers", len(table))
 cols[3].metric("Kind", lm.kind)
 arch = ", ".join(getattr(lm.config, "architectures", None) or [type(lm.model).__name__])
-st.write(f"**{lm.name}** — architecture `{arch}`, stored as {str(lm.dtype).replace('torch.', '')}.")
+st.write(f"**{lm.name}** — architecture `{arch}`, loaded at the deploy dtype {dtype}.")
 st.dataframe(table, hide_index=True, width="stretch", height=360)
 st.success("Next: open **Spectrum** to see which layers are compressible, or **Plan** to set a budget.")

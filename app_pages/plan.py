@@ -23,6 +23,7 @@ from saten_core.plan import (
 from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES, storage_method
 from studio_ui import (
     PLAN_KEY,
+    deploy_dtype,
     human_bytes,
     library,
     loaded_model,
@@ -127,7 +128,7 @@ rounds = c1.selectbox("Joint TT + sparse rounds", ["auto", *rounds_options], key
                       help="saten / saten-aw: after the one-shot split, refit the TT part to W - S and re-choose the "
                       f"mask on W - TT; the best round is kept. auto = the library default ({FIT_ROUNDS}). Slower "
                       "to compress (each round is another TT-SVD per layer); measured in docs/BENCHMARKS.md")
-settings: dict = {"method": method, "structure": structure, "mask_group": group,
+settings: dict = {"method": method, "structure": structure, "mask_group": group, "dtype": deploy_dtype(),
                   "fit_rounds": rounds if has_tt_and_sparse and rounds != "auto" else None}
 if mode == "Target budget":
     unit = s1.radio("Budget as", ["Share of block-linear bytes", "Whole-model size"], horizontal=True,

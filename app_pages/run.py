@@ -6,7 +6,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from studio_ui import PLAN_KEY, library, loaded_model, method_label, model_caption, model_ref, show_error
+from studio_ui import PLAN_KEY, deploy_dtype, library, loaded_model, method_label, model_caption, model_ref, show_error
 
 st.title("Run")
 model_caption()
@@ -17,7 +17,7 @@ from saten_core.models import resolve_device  # noqa: E402 - after the availabil
 from saten_core.plan import Plan  # noqa: E402
 from saten_core.spec import METHODS, needs_stats  # noqa: E402
 
-plan_json = st.session_state.get(PLAN_KEY) or Plan(target_ratio=0.8).to_json()
+plan_json = st.session_state.get(PLAN_KEY) or Plan(target_ratio=0.8, dtype=deploy_dtype()).to_json()
 if PLAN_KEY not in st.session_state:
     st.info("No plan set on the Plan page yet: the default (Saten, keep 80 % of the bytes) will be used.")
 with st.expander("Plan to run", expanded=False):
@@ -92,7 +92,8 @@ if st.button("Submit job", type="primary", icon=":material/send:", key="run_subm
         mine = replace(full, calib=full.calib if full.needs_calibration() else None)
         job_id = jobs.submit(model_ref(), mine.to_json(), evaluate=evaluate, device=device,
                              time_budget_s=budget * 60 if budget else None)
-        ref_id = jobs.submit_reference(model_ref(), device=device) if evaluate and reference else None
+        ref_id = (jobs.submit_reference(model_ref(), device=device, dtype=mine.dtype)
+                  if evaluate and reference else None)
         lm = loaded_model() if compare and plan.target_ratio is None else None  # measures the plan's budget
         others = jobs.submit_baselines(model_ref(), full.to_json(), compare if lm or plan.target_ratio else [],
                                        evaluate=evaluate, device=device, model=lm.model if lm else None,

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from saten_core.deploy.dtype import DEFAULT_DTYPE, DTYPES
 from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, MASK_GROUPS
 from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
@@ -93,7 +94,7 @@ def plan_from_args(args: argparse.Namespace):
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
                 lowrank_share=args.lowrank_share, order=args.order, mask_group=args.mask_group,
-                fit_rounds=args.fit_rounds, overrides=overrides)
+                fit_rounds=args.fit_rounds, overrides=overrides, dtype=args.dtype)
     plan = with_calibration_args(plan, args)
     plan.validate()
     return plan
@@ -118,6 +119,10 @@ def with_calibration_args(plan, args: argparse.Namespace):
     changes = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "calib", None) is not None:
         changes["calib"] = calib_arg(args.calib)
+    if getattr(args, "dtype", None) is not None:
+        changes["dtype"] = args.dtype
+    if getattr(args, "materialize", False):
+        changes["materialize"] = True
     plan = replace(plan, **changes)
     plan.validate()
     return plan
@@ -134,15 +139,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals, predicted_model_bytes
 
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(args.model, device="cpu", dtype=plan.torch_dtype())
     plan = sized_plan(plan, loaded, args)
     rows = dry_run(loaded.model, plan)  # validates every layer against the plan before anything is written
     tot = dry_run_totals(rows)
     atomic_write_text(args.out, plan.to_json())
     if args.json:
         emit({"plan": json.loads(plan.to_json()), "layers": rows, "totals": tot})
-    print(plan_summary(tot, args.out), file=sys.stderr)
-    if args.target_bytes is not None and (whole := predicted_model_bytes(loaded.model, tot)) is not None:
+    print(plan_summary(tot, args.out, plan.dtype), file=sys.stderr)
+    if args.target_bytes is not None and (whole := predicted_model_bytes(loaded.model, tot, plan.torch_dtype())):
         print(f"whole model: {whole:,} B predicted for a target of {args.target_bytes:,} B", file=sys.stderr)
     return 0
 
@@ -154,7 +159,7 @@ def sized_plan(plan, loaded, args: argparse.Namespace):
     from saten_core.plan import ratio_for_model_bytes
 
     if args.target_bytes is not None:  # whole-model bytes -> the block linears' share of them
-        plan = replace(plan, target_ratio=ratio_for_model_bytes(loaded.model, args.target_bytes))
+        plan = replace(plan, target_ratio=ratio_for_model_bytes(loaded.model, args.target_bytes, plan.torch_dtype()))
     if args.allocate:  # on the weights' spectra unless asked (whitened ones measured worse for saten-aw)
         from saten_core.allocate import activation_spectra, allocate_plan
 
@@ -164,11 +169,11 @@ def sized_plan(plan, loaded, args: argparse.Namespace):
     return plan
 
 
-def plan_summary(tot: dict, out: str) -> str:
+def plan_summary(tot: dict, out: str, dtype: str | None = None) -> str:
     pred = tot["predicted_bytes"]
     after = "decided by eps" if pred is None else f"{pred:,} B ({pred / max(tot['bytes_before'], 1):.1%})"
     return (f"plan written to {out}: {tot['layers_changed']} of {tot['layers']} block linears change; "
-            f"bytes {tot['bytes_before']:,} -> {after}")
+            f"bytes {tot['bytes_before']:,} -> {after}" + (f" at {dtype}" if dtype else ""))
 
 
 # ---------------------------------------------------------------- compress / eval
@@ -233,7 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from saten_core.pipeline import evaluate_ref
 
     text = read_text_arg(args.text)
-    out = evaluate_ref(args.model, text=text, tokens=args.tokens, device=args.device, latency=args.latency)
+    out = evaluate_ref(args.model, text=text, tokens=args.tokens, device=args.device, latency=args.latency,
+                       dtype=args.dtype, materialize=args.materialize)
     if args.json:
         emit(out)
     else:
@@ -304,6 +310,8 @@ def add_plan_parser(sub) -> None:
                    "(measured worse on smollm2-135m: docs/benchmarks/spectrum.md)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--json", action="store_true", help="print plan + dry run as JSON on stdout")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help="deploy dtype: the original, the compressed parts and every byte count (default bfloat16)")
     add_calibration_args(p)
     p.set_defaults(func=cmd_plan)
 
@@ -336,6 +344,14 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="TT cores heal at the learning rate x this (default 1; 0 freezes them)")
 
 
+def add_deploy_args(p: argparse.ArgumentParser, default_note: str = "overrides the plan's dtype") -> None:
+    """--dtype and --materialize, shared by compress, eval and jobs submit."""
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=f"deploy dtype ({default_note})")
+    p.add_argument("--materialize", action="store_true",
+                   help="opt-in: evaluate with each compressed layer's dense residual cached (faster on CPU, but "
+                   "more memory than the original); default: compact, nothing dense kept between calls")
+
+
 def add_run_parsers(sub) -> None:
     c = sub.add_parser("compress", help="compress a model with a plan into DIR")
     c.add_argument("--model", required=True)
@@ -346,6 +362,7 @@ def add_run_parsers(sub) -> None:
     c.add_argument("--text", help="UTF-8 text file for --eval (default: bundled held-out text)")
     c.add_argument("--tokens", type=positive_int, default=2048)
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_deploy_args(c)
     add_calibration_args(c)
     c.set_defaults(func=cmd_compress)
     e = sub.add_parser("eval", help="evaluate a model or a compressed DIR")
@@ -353,8 +370,10 @@ def add_run_parsers(sub) -> None:
     e.add_argument("--text", help="UTF-8 text file (default: bundled held-out text)")
     e.add_argument("--tokens", type=positive_int, default=2048)
     e.add_argument("--device", default="auto")
-    e.add_argument("--latency", action="store_true", help="also time prefill and decode")
+    e.add_argument("--latency", action="store_true", help="also time prefill and decode (a compressed DIR: "
+                   "interleaved with its original in this process, ratios with min-max)")
     e.add_argument("--json", action="store_true")
+    add_deploy_args(e, default_note="a model ref loads at D (default bfloat16); a DIR at its saved dtype")
     e.set_defaults(func=cmd_eval)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from saten_core.plan import Override, Plan, mask_group, matching_override, selected
-from saten_core.preview import sparse_energy_share, tail_share, torch_dtype, tt_error_sq
+from saten_core.preview import sparse_energy_share, tail_share, tt_error_sq
 from saten_core.spec import LayerSpec, needs_stats, storage_method
 
 Progress = Callable[[str, float, str], None]
@@ -85,7 +85,7 @@ def _lowrank_err_sq(layer: dict, method: str, ranks: list, order: int) -> np.nda
 def layer_candidates(layer: dict, plan: Plan) -> dict:
     """All settings tried for one layer: bytes, predicted e^2 and (rank, density) per candidate, plus dense."""
     n_in, n_out = layer["in_features"], layer["out_features"]
-    dtype = torch_dtype(layer["dtype"])
+    dtype = plan.torch_dtype()  # bytes as served, whatever dtype the spectra were computed from
     kind = storage_method(plan.method)  # same bytes as the data-free twin; errors come from the spectra given
     ranks, densities, table = _grid(n_in, n_out, kind, plan.structure, plan.order, dtype, mask_group(plan))
     low = _lowrank_err_sq(layer, kind, ranks, plan.order)
@@ -245,7 +245,7 @@ def allocate_plan(loaded: Any, plan: Plan, *, progress: Progress | None = None,
     spectra = spectra if spectra is not None else model_spectra(model, progress=progress)
     free, fixed_bytes, total = [], 0.0, 0.0
     for layer in spectra["layers"]:
-        dense = layer["in_features"] * layer["out_features"] * torch_dtype(layer["dtype"]).itemsize
+        dense = layer["in_features"] * layer["out_features"] * plan.torch_dtype().itemsize
         total += dense
         keep = matching_override(plan, layer["name"])
         if selected(plan, layer["name"]) and not (keep is not None and keep.skip):

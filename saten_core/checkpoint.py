@@ -86,9 +86,6 @@ def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
         lm = load_compressed("out/smollm2-80")      # no access to the original weights needed
         lm.model(**lm.tokenizer("hi", return_tensors="pt")).logits
     """
-    from safetensors.torch import load_model
-
-    from saten_core.layer import SatenLinear
     from saten_core.models import LoadedModel, load_config, resolve_device
 
     folder = Path(folder)
@@ -96,21 +93,64 @@ def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
         raise ValueError(f"not a compressed model folder (needs {REPORT} and {PLAN}): {folder}")
     report, dev = read_report(folder), resolve_device(device)
     config = load_config(folder)
-    model = _skeleton(config, report["kind"])
-    for name, layout in report.get("layouts", {}).items():
-        _set_submodule(model, name, SatenLinear.from_layout(layout, device="cpu"))
-    load_model(model, str(folder / WEIGHTS), strict=True)
+    dtype = _report_dtype(report)
+    model = _skeleton(config, report["kind"], dtype)
+    _load_weights(model, report.get("layouts", {}), folder / WEIGHTS)
     model = model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=_tokenizer(folder), name=f"{report['name']} (compressed)",
-                       kind=report["kind"], ref=str(folder), config=config, source_dir=folder, device=dev)
+                       kind=report["kind"], ref=str(folder), config=config, source_dir=folder, device=dev,
+                       dtype=dtype)
 
 
-def _skeleton(config: Any, kind: str) -> nn.Module:
-    """Architecture with freshly initialised weights; every tensor is overwritten by the strict load."""
+def _tie_embeddings(model: nn.Module) -> None:
+    """safetensors stores a tied tensor once, under either name: point the missing side at the stored one."""
+    tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not tie or inp is None or out is None:
+        return
+    if inp.weight.is_meta and not out.weight.is_meta:
+        inp.weight = out.weight
+    elif out.weight.is_meta and not inp.weight.is_meta:
+        out.weight = inp.weight
+
+
+def _report_dtype(report: dict) -> torch.dtype:
+    """The dtype the folder was saved at (reports before the deploy dtype were fp32)."""
+    from saten_core.deploy.dtype import torch_dtype
+
+    return torch_dtype(report.get("dtype", "float32"))
+
+
+def _skeleton(config: Any, kind: str, dtype: torch.dtype) -> nn.Module:
+    """Architecture with parameters on the meta device (no memory) and real buffers (rotary tables).
+
+    Why meta: a materialised skeleton is a whole dense model in memory next to the compressed one, which is
+    what a deployment measurement would then see.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    return auto.from_config(config, dtype=torch.float32)
+    with init_empty_weights(include_buffers=False):
+        return auto.from_config(config, dtype=dtype)
+
+
+def _load_weights(model: nn.Module, layouts: dict, path: Path) -> None:
+    """Swap in SatenLinear skeletons, then assign the stored tensors (strict: nothing missing or left over)."""
+    from safetensors.torch import load_file
+
+    from saten_core.layer import SatenLinear
+
+    for name, layout in layouts.items():
+        _set_submodule(model, name, SatenLinear.from_layout(layout, device="meta"))
+    state = load_file(str(path))
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _tie_embeddings(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unexpected or left:
+        raise ValueError(f"weights of {path} do not fit its layouts: unexpected {sorted(unexpected)[:5]}, "
+                         f"missing {left[:5]}")
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -125,13 +165,27 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     set_submodule(model, name, module)
 
 
-def load_any(ref: str, device: str = "cpu") -> Any:
-    """A compressed DIR loads via load_compressed; anything else (registry name, folder, hub id) via models."""
+def load_any(ref: str, device: str = "cpu", *, dtype: str | None = None, materialize: bool = False) -> Any:
+    """A compressed DIR loads via load_compressed (at its saved dtype; `materialize` opts in to the dense-cache
+    inference path); anything else (registry name, folder, hub id) via models at `dtype` (default float32)."""
+    from saten_core.deploy.dtype import torch_dtype
     from saten_core.models import load_model
 
     if is_compressed_dir(ref):
-        return load_compressed(ref, device)
-    return load_model(ref, device=device)
+        loaded = load_compressed(ref, device)
+        set_materialized(loaded.model, materialize)
+        return loaded
+    return load_model(ref, device=device, dtype=torch_dtype(dtype or "float32"))
+
+
+def set_materialized(model: nn.Module, on: bool) -> int:
+    """Switch every SatenLinear to the dense-cache path (on) or the compact one (off); returns how many."""
+    from saten_core.layer import SatenLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SatenLinear)]
+    for m in layers:
+        m.materialize(on)
+    return len(layers)
 
 
 def merge_dense(model: nn.Module) -> nn.Module:

@@ -34,10 +34,11 @@ def compress_(model: nn.Module, plan: Plan, *, progress: Progress | None = None,
     todo = planned_layers(model, plan)
     _check_stats(todo, stats)
     reports = []
+    dtype = plan.torch_dtype()
     for i, (name, linear, spec) in enumerate(todo):
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled after {i} of {len(todo)} layers")
-        reports.append(_compress_one(model, name, linear, spec, stats.get(name)))
+        reports.append(_compress_one(model, name, linear, spec, stats.get(name), dtype))
         if progress is not None:
             progress("compress", (i + 1) / len(todo), f"{name} {reports[-1]['shape']} rel_error "
                                                        f"{reports[-1]['rel_error']:.4f}")
@@ -52,7 +53,7 @@ def planned_layers(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, A
     for name, lin in linear_layers(model):
         if not isinstance(lin, nn.Linear):
             continue  # already compressed: a plan applies to dense layers only
-        spec = layer_spec(plan, name, lin.in_features, lin.out_features, lin.weight.dtype)
+        spec = layer_spec(plan, name, lin.in_features, lin.out_features)  # budgets at the deploy dtype
         if spec is not None:
             todo.append((name, lin, spec))
     return todo
@@ -68,19 +69,21 @@ def _check_stats(todo: list[tuple], stats: dict[str, Any]) -> None:
                              "(collect them with calibrate.collect_input_stats), none given")
 
 
-def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any, stats: Any = None) -> dict:
-    """Build the SatenLinear, measure it against the dense weight, and swap it into the model."""
+def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any, stats: Any = None,
+                  dtype: torch.dtype | None = None) -> dict:
+    """Build the SatenLinear (parts rounded to the deploy `dtype`), measure it against the dense weight, swap it in."""
     from saten_core.layer import SatenLinear
 
+    dtype = dtype or linear.weight.dtype
     start = time.perf_counter()
-    new = SatenLinear.from_linear(linear, spec, stats=stats)
+    new = SatenLinear.from_linear(linear, spec, stats=stats, dtype=dtype)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         w = linear.weight.float()
         delta = new.to_dense().float() - w
         rel_error = (torch.linalg.norm(delta) / torch.linalg.norm(w).clamp_min(1e-30)).item()
         out_error = None if stats is None else relative_output_error(delta, w, stats.second_moment())
-    report = layer_report(name, linear, new, rel_error, seconds)
+    report = layer_report(name, linear, new, rel_error, seconds, dtype)
     if out_error is not None:
         report["rel_output_error"] = out_error
     set_submodule(model, name, new)
@@ -99,18 +102,20 @@ def relative_output_error(delta: torch.Tensor, w: torch.Tensor, second_moment: t
     return float(torch.sqrt(num.clamp_min(0) / den))
 
 
-def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float, seconds: float) -> dict:
-    """Exact accounting for one layer; biases count on both sides so the totals are whole-layer bytes."""
+def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float, seconds: float,
+                 dtype: torch.dtype | None = None) -> dict:
+    """Exact accounting for one layer at the deploy `dtype` (default: as stored); biases count on both sides."""
     layout = new.layout()
+    elem = (dtype or linear.weight.dtype).itemsize
     bias_params = linear.bias.numel() if linear.bias is not None else 0
-    bias_bytes = bias_params * linear.bias.element_size() if linear.bias is not None else 0
+    bias_bytes = bias_params * elem
     n_in, n_out = linear.in_features, linear.out_features
     return {
         "name": name, "shape": [n_out, n_in], "spec": new.spec.to_dict(),
         "ranks": layout.get("ranks"), "nnz": layout.get("nnz"),
         "params_before": n_in * n_out + bias_params, "params_after": new.param_count() + bias_params,
-        "bytes_before": linear.weight.numel() * linear.weight.element_size() + bias_bytes,
-        "bytes_after": new.stored_bytes() + bias_bytes,
+        "bytes_before": linear.weight.numel() * elem + bias_bytes,
+        "bytes_after": new.stored_bytes(dtype) + bias_bytes,
         "macs_before": n_in * n_out, "macs_per_token": new.macs_per_token(),
         "rel_error": rel_error, "seconds": seconds,
     }
@@ -129,5 +134,6 @@ def totals(reports: list[dict]) -> dict:
             "seconds")
     out = {k: sum(r[k] for r in reports) for k in keys}
     out["layers"] = len(reports)
+    out["macs_per_token_before"], out["macs_per_token_after"] = out["macs_before"], out["macs_per_token"]
     out["ratio"] = out["bytes_after"] / out["bytes_before"] if out["bytes_before"] else 1.0
     return out

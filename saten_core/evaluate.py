@@ -195,6 +195,18 @@ def latency(model: nn.Module, tokenizer: Any, *, prefill_tokens: int = 128, deco
             "peak_memory_bytes": peak_memory(dev)}
 
 
+@torch.inference_mode()
+def forward_once(loaded: Any, tokens: int) -> None:
+    """One forward pass over `tokens` real tokens (capped at the model's context): what memory is read after."""
+    model = loaded.model
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or tokens
+    ids = _prompt(loaded.tokenizer, max(2, min(tokens, limit))).to(model_device(model))
+    if loaded.kind == "decoder":
+        model(input_ids=ids, use_cache=False)
+    else:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start a fresh CUDA peak so peak_memory reports this measurement, not an earlier one (no-op on CPU)."""
     device = torch.device(device)

@@ -92,14 +92,18 @@ class SatenLinear(nn.Module):
 
     Parameters: `cores` (TT cores, trainable), `values` (kept residual values in row-major order of the
     (in, out) mask, trainable). Buffer `mask`: the fixed mask, packed (int32 indices, bitmask or 2-bit 2:4
-    positions). The forward never rebuilds the dense weight per call: A (in, r), B (r, out) and the sparse
-    operand are cached while the parameters are unchanged (checked by tensor version counters) and rebuilt
-    live when gradients are needed.
+    positions).
 
-    Sparse term (`sparse_path="auto"`): training -> scatter values into a dense R (differentiable);
-    inference on CPU in fp32/fp64 -> torch CSR when density <= CSR_MAX_DENSITY (0.05), else a cached dense R
-    and one matmul;
-    on CUDA -> cached dense R (or the 2:4 semi-structured kernel after `enable_semi_structured()`).
+    Inference is compact by default (`resident = "compact"`): between calls the layer holds its cores, values,
+    packed mask and the factor pair A (in, r), B (r, out) contracted from the cores (cached while the cores are
+    unchanged: r (in + out) numbers, the form issue 16's kernels read). The dense residual exists only inside one
+    call and is freed after it, so memory at run time is what the checkpoint stores. On CPU a 16-bit layer
+    computes that call in fp32 (deploy.dtype.compute_dtype). This reference path is correct, not fast.
+
+    `materialize()` switches to the dense-cache path (labelled opt-in, CLI `--materialize`): the dense residual
+    (or a CSR copy at density <= CSR_MAX_DENSITY on CPU fp32, or the 2:4 semi-structured operand on CUDA) is
+    cached next to the factor pair: faster on this CPU, but it holds more memory than the original layer.
+    Training (gradients enabled) always rebuilds R from the values, differentiably.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, *, ranks: list[int], nnz: int,
@@ -120,17 +124,21 @@ class SatenLinear(nn.Module):
         self.register_buffer("mask", torch.empty(packed, dtype=packed_dtype(mask_format or "bitmask"), device=device))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.sparse_path = "auto"
+        self.resident = "compact"  # or "materialized" (dense residual cached; see materialize())
         self._semi_structured = False
         self._cache: dict = {}
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LayerSpec, *, scores: Tensor | None = None,
-                    stats=None) -> SatenLinear:
+                    stats=None, dtype: torch.dtype | None = None) -> SatenLinear:
         """Compress `linear` with `spec`; `scores` (in, out) optionally multiply |residual| to choose the mask.
 
         `stats` (calibrate.InputStats of this layer's inputs) is required by the activation-aware methods:
         saten-aw / svd-w whiten the low-rank step with it, saten-aw / wanda score the mask by input norms.
+        `dtype` (default: the weight's) is the deploy dtype the TT cores are rounded to before the residual is
+        taken, so the sparse part corrects that rounding; the layer itself is built at the weight's dtype (the
+        working precision of compression and healing) and `model.to(dtype)` later stores what was fitted.
         Example:
             >>> layer = SatenLinear.from_linear(nn.Linear(64, 128), LayerSpec(rank=8, density=0.1))
             >>> layer(torch.randn(2, 64)).shape
@@ -143,7 +151,7 @@ class SatenLinear(nn.Module):
             raise ValueError(f"scores must have shape (in, out) = ({in_f}, {out_f}), got {tuple(scores.shape)}")
         w = linear.weight.detach()
         wt = w.float().mT  # (in, out)
-        cores, residual, mask, fmt, packed = cls._fit(wt, in_f, out_f, spec, w.dtype, whiten, scores)
+        cores, residual, mask, fmt, packed = cls._fit(wt, in_f, out_f, spec, dtype or w.dtype, whiten, scores)
         layer = cls(in_f, out_f, spec, ranks=[1] + [int(g.shape[-1]) for g in cores] if cores else [],
                     nnz=int(mask.sum()) if mask is not None else 0, mask_format=fmt,
                     bias=linear.bias is not None, dtype=w.dtype, device=w.device)
@@ -230,9 +238,15 @@ class SatenLinear(nn.Module):
                    mask_format=layout["mask_format"], bias=layout["bias"], dtype=dtype, device=device)
 
     # ---- accounting ---------------------------------------------------------------------------------
-    def stored_bytes(self) -> int:
-        """Bytes of every tensor in state_dict except the bias: cores + kept values + packed mask."""
-        return sum(t.numel() * t.element_size() for name, t in self.state_dict().items() if name != "bias")
+    def stored_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every tensor in state_dict except the bias: cores + kept values + packed mask.
+
+        With `dtype`, floating-point tensors count at that dtype (a layer fitted in fp32, served in bf16).
+        """
+        def size(t: Tensor) -> int:
+            return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+
+        return sum(size(t) for name, t in self.state_dict().items() if name != "bias")
 
     def param_count(self) -> int:
         """Trainable numbers of the compressed weight: core sizes + kept values (bias excluded)."""
@@ -254,22 +268,29 @@ class SatenLinear(nn.Module):
     def _flat_index(self) -> Tensor:
         """Row-major flat positions in (in, out) of the kept values (derived from the packed mask, cached).
 
-        Built outside torch.inference_mode even when evaluation asks first: an inference tensor could not enter
-        the autograd graph of a later healing pass, and one cached index then serves both.
+        Only the materialized gather path uses it: an int64 per kept value is 4x a 16-bit value, so the compact
+        path never keeps it. Built outside torch.inference_mode so a later healing pass may reuse it.
         """
         key = ("index", self.mask.data_ptr(), self.mask._version, self.mask.device)
         if self._cache.get("index_key") != key:
-            shape = (self.in_features, self.out_features)
             with torch.inference_mode(False):
-                flat = unpack_mask(self.mask_format, self.mask, shape).reshape(-1).nonzero().reshape(-1)
+                flat = self._mask_flat().nonzero().reshape(-1)
             self._cache.update(index_key=key, index=flat)
         return self._cache["index"]
 
-    def _residual(self) -> Tensor:
-        """Dense R (in, out) with the kept values scattered in (differentiable in `values`)."""
-        flat = torch.zeros(self.in_features * self.out_features, dtype=self.values.dtype, device=self.values.device)
+    def _mask_flat(self) -> Tensor:
+        """The boolean mask, flattened row-major over (in, out): built per use, never kept."""
+        return unpack_mask(self.mask_format, self.mask, (self.in_features, self.out_features)).reshape(-1)
+
+    def _residual(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Dense R (in, out) with the kept values scattered in (differentiable in `values`), at `dtype`.
+
+        masked_scatter fills the mask's True positions in row-major order, which is the order of `values`.
+        """
+        dtype = dtype or self.values.dtype
+        flat = torch.zeros(self.in_features * self.out_features, dtype=dtype, device=self.values.device)
         if self.values.numel():
-            flat = flat.index_put((self._flat_index(),), self.values)
+            flat = flat.masked_scatter(self._mask_flat(), self.values.to(dtype))
         return flat.reshape(self.in_features, self.out_features)
 
     def _factor_pair(self) -> tuple[Tensor, Tensor]:
@@ -310,8 +331,8 @@ class SatenLinear(nn.Module):
         """
         key = self._param_key()
         if self._cache.get("key") != key:
-            index = {k: v for k, v in self._cache.items() if k.startswith("index")}
-            self._cache = index | {"key": key, "ops": {}, "ab": None}
+            keep = {k: v for k, v in self._cache.items() if k.startswith(("index", "pair"))}
+            self._cache = keep | {"key": key, "ops": {}, "ab": None}
         with torch.no_grad():
             if self._cache["ab"] is None and len(self.cores):
                 self._cache["ab"] = self._factor_pair()
@@ -347,24 +368,60 @@ class SatenLinear(nn.Module):
         return x2d @ operand
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out): (x A) B + sparse term + bias, without rebuilding the dense weight."""
+        """x (..., in) -> (..., out): (x A) B + sparse term + bias, without keeping a dense weight."""
         x2d = x.reshape(-1, self.in_features)  # (T, in)
         if self._needs_grad():
             y = self._train_forward(x2d)
+        elif self.resident == "compact":
+            y = self._compact_forward(x2d)
         else:
-            path = self._choose_path(x2d.shape[0])
-            ab, operand = self._cached(path)
-            y = None
-            if ab is not None:
-                y = (x2d @ ab[0]) @ ab[1]
-            if operand is not None:
-                s = self._sparse_term(x2d, path, operand)
-                y = s if y is None else y + s
+            y = self._materialized_forward(x2d)
         if y is None:
             y = x2d.new_zeros(x2d.shape[0], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _compact_forward(self, x2d: Tensor) -> Tensor | None:
+        """Reference inference path: the dense residual lives only inside this call (upcast on CPU)."""
+        from saten_core.deploy.dtype import compute_dtype
+
+        cdt = compute_dtype(self.values.dtype, x2d.device)
+        xc, y = x2d.to(cdt), None
+        if len(self.cores):
+            a, b = self._cached_pair()
+            y = (xc @ a.to(cdt)) @ b.to(cdt)
+        if self.values.numel():
+            s = xc @ self._residual(cdt)  # (T, out); the (in, out) scratch is freed on return
+            y = s if y is None else y + s
+        return None if y is None else y.to(x2d.dtype)
+
+    def _cached_pair(self) -> tuple[Tensor, Tensor]:
+        """A (in, r), B (r, out) at the stored dtype, rebuilt only when a core changes (the only inference cache)."""
+        key = tuple((g.data_ptr(), g._version, g.device, g.dtype) for g in self.cores)
+        if self._cache.get("pair_key") != key:
+            with torch.no_grad():
+                pair = tt_factor_pair([g.float() for g in self.cores], self.n_in_modes)
+            dtype = self.cores[0].dtype
+            self._cache.update(pair_key=key, pair=tuple(t.to(dtype) for t in pair))
+        return self._cache["pair"]
+
+    def _materialized_forward(self, x2d: Tensor) -> Tensor | None:
+        """Opt-in dense-cache path (materialize()): operands cached while the parameters are unchanged."""
+        path = self._choose_path(x2d.shape[0])
+        ab, operand = self._cached(path)
+        y = None
+        if ab is not None:
+            y = (x2d @ ab[0]) @ ab[1]
+        if operand is not None:
+            s = self._sparse_term(x2d, path, operand)
+            y = s if y is None else y + s
+        return y
+
+    def materialize(self, on: bool = True) -> None:
+        """Opt in to (or, with on=False, out of) the dense-cache inference path; drops every cached operand."""
+        self.resident = "materialized" if on else "compact"
+        self._cache = {}
 
     def _train_forward(self, x2d: Tensor) -> Tensor | None:
         """Differentiable path: factor pair from the live cores, values scattered into a dense residual."""
@@ -387,7 +444,7 @@ class SatenLinear(nn.Module):
             raise ValueError(f"semi-structured kernels need a CUDA device of compute capability >= 8.0, got {dev}")
         if self.values.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"semi-structured kernels need float16/bfloat16 weights, got {self.values.dtype}")
-        self._semi_structured, self.sparse_path = True, "dense"
+        self._semi_structured, self.sparse_path, self.resident = True, "dense", "materialized"
         self._cache = {}
 
 

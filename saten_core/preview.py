@@ -141,8 +141,9 @@ def _stored_bytes(layer: dict, spec: LayerSpec, ranks: list[int], nnz: int, dtyp
 def preview_layer(plan: Plan, layer: dict) -> dict:
     """One row: resolved spec, bytes (exact when predictable), multiply-adds per token and predicted error."""
     n_in, n_out = layer["in_features"], layer["out_features"]
-    dtype = torch_dtype(layer["dtype"])
-    bias = int(layer.get("bias_bytes", 0))
+    dtype = plan.torch_dtype()  # bytes as served (the spectra may come from a model loaded at another dtype)
+    stored = torch_dtype(layer["dtype"]).itemsize
+    bias = int(layer.get("bias_bytes", 0)) * dtype.itemsize // stored
     before = n_in * n_out * dtype.itemsize + bias
     spec = layer_spec(plan, layer["name"], n_in, n_out, dtype)
     row = {"name": layer["name"], "shape": [n_out, n_in], "spec": None, "ranks": None, "nnz": None,

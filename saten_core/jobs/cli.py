@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "plan's byte budget, same layers, calibration text and healing (a plan without a target ratio is "
                    "measured on the model); exit 2 when one of them cannot run")
     p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ..., "compare": ...}')
+    from saten_core.__main__ import add_deploy_args
+
+    add_deploy_args(p)
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
     p.add_argument("--status", choices=store.STATUSES, default=None)
@@ -59,13 +62,29 @@ def read_plan_file(path: str) -> str:
         raise ValueError(f"plan file {path!r} is not UTF-8 text") from None
 
 
+def with_deploy_args(plan_json: str, args: argparse.Namespace) -> str:
+    """The plan JSON with --dtype / --materialize applied (unchanged text when neither is given)."""
+    from dataclasses import replace
+
+    from saten_core.plan import Plan
+
+    if args.dtype is None and not args.materialize:
+        return plan_json
+    plan = Plan.from_json(plan_json)
+    plan = replace(plan, dtype=args.dtype or plan.dtype, materialize=plan.materialize or args.materialize)
+    plan.validate()
+    return plan.to_json()
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.reference and not args.eval:
         raise ValueError("--reference times the original for comparison with an evaluated run: add --eval")
-    plan_json = read_plan_file(args.plan)
+    plan_json = with_deploy_args(read_plan_file(args.plan), args)
     job_id = store.submit(args.model, plan_json, evaluate=args.eval, tokens=args.tokens,
                           device=args.device, time_budget_s=args.time_budget)
-    ref_id = store.submit_reference(args.model, tokens=args.tokens, device=args.device) if args.reference else None
+    dtype = json.loads(plan_json).get("dtype", "float32")
+    ref_id = (store.submit_reference(args.model, tokens=args.tokens, device=args.device, dtype=dtype)
+              if args.reference else None)
     others = store.submit_baselines(args.model, plan_json, args.compare, evaluate=args.eval,
                                     tokens=args.tokens, device=args.device, time_budget_s=args.time_budget)
     if args.json:

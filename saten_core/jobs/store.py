@@ -362,7 +362,8 @@ def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: in
                       time_budget_s=None if time_budget_s is None else float(time_budget_s))
 
 
-def submit_reference(model_ref: str, *, tokens: int | None = None, device: str = "auto") -> int | None:
+def submit_reference(model_ref: str, *, tokens: int | None = None, device: str = "auto",
+                     dtype: str | None = None) -> int | None:
     """Queue an evaluated run of the original model (a plan that changes nothing), unless one is already there.
 
     Speed is only comparable on one machine, so the Results and ROI pages compare a run's decode time with the
@@ -371,7 +372,7 @@ def submit_reference(model_ref: str, *, tokens: int | None = None, device: str =
     """
     from saten_core.plan import reference_plan
 
-    ref, plan_json = check_model_ref(model_ref), reference_plan().to_json()
+    ref, plan_json = check_model_ref(model_ref), reference_plan(dtype).to_json()
     for job in list_jobs():
         if (job.model_ref, job.plan_json, job.device_requested, job.eval_tokens) == (ref, plan_json, device, tokens) \
                 and job.task == "compress" and job.evaluate and job.status in ("queued", "running", "succeeded"):
