@@ -21,23 +21,28 @@ if runs.empty:
 models = sorted(runs["model"].unique())
 model = st.selectbox("Model", models, index=models.index(charts.newest_model(runs)), key="results_model")
 mine, size_column, size_title = charts.with_size_mib(runs[runs["model"] == model])
-mine["speed"] = ["SLOWER than original" if s else "" for s in mine["slower"]]
-st.dataframe(mine.drop(columns=["model", "baseline"]), hide_index=True, key="results_table")
+st.dataframe(charts.results_table(mine), hide_index=True, key="results_table")
 if len(texts := charts.eval_texts(mine)) > 1:
     st.warning(f"These runs were evaluated on {len(texts)} different texts (column eval_text): compare perplexities "
                "only between runs with the same text. The bundled corpus itself differs between Python versions.")
 if mine["slower"].any():
-    st.warning("Runs marked **SLOWER than original** decode slower than the original model timed on the same device.")
+    st.warning("Runs marked **SLOWER** decode slower than their original: side by side in one process (the whole "
+               "min–max spread above 1) or, for older runs, against the reference job timed separately.")
+st.caption("Speed: compressed / original time per token, interleaved in one process; a spread that spans 1.0 is "
+           "no measurable difference. Resident: bytes of every tensor the model holds after a forward; peak: "
+           "measured peak process memory (CPU RSS or CUDA allocated).")
 
 compressed = mine[~mine["baseline"]]
-ref = charts.reference_point(runs, model)
-if ref is not None:
-    ref = {**ref, "size (MiB)": ref[size_column] / 2**20}
+original = charts.reference_point(runs, model)
+ref, cast = charts.sized(original, size_column), charts.sized(charts.free_cast_point(original), size_column)
 a, b = st.columns(2)
-a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity"),
-               key="tradeoff_size")
+a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity",
+                                     extra=[cast] if cast else []), key="tradeoff_size")
+if cast:
+    a.caption(f"These runs are stored in float32: **{charts.CAST_LABEL}** halves the original's bytes with no "
+              "compression, drawn at the float32 original's perplexity. Compression has to beat that point.")
 if compressed["decode_ms"].notna().any():
-    lat_ref = ref if ref is not None and ref.get("decode_ms") is not None else None
+    lat_ref = original if original is not None and original.get("decode_ms") is not None else None
     b.plotly_chart(charts.tradeoff_chart(compressed.dropna(subset=["decode_ms"]), "decode_ms", "ppl", lat_ref,
                                          "decode latency (ms/token)", "perplexity"), key="tradeoff_latency")
 else:

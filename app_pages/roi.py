@@ -1,4 +1,4 @@
-"""ROI page: business inputs + one run's measured size, speed and quality -> replicas, cost, payback, report."""
+"""ROI page: business inputs + one run's measured numbers -> short-term (measured) and mid-term (projected) cost."""
 
 import dataclasses
 
@@ -10,7 +10,8 @@ from saten_core.report import ReportInput, decision_line, dollars, headline, to_
 from saten_core.roi import (
     GPU_CATALOG,
     RoiInputs,
-    compute_roi,
+    RoiResult,
+    compute_roi_terms,
     default_run,
     is_missing,
     measured_from_run,
@@ -45,17 +46,23 @@ pick = st.selectbox("Run", list(compressed["id"]), index=default_run(records), k
                     + ("" if ready[i] else " (not evaluated)"))
 run = compressed.set_index("id").loc[pick].to_dict() | {"id": pick}
 if not any(ready.values()):
-    st.info("No compression run has measured speed yet: submit one with evaluation on the Run page, "
-            "together with the reference job that times the original model.")
+    st.info("No compression run has measured speed yet: submit one with evaluation on the Run page (it times the "
+            "original side by side; runs recorded before that also need the reference job).")
 
 st.subheader("Your deployment")
 c1, c2, c3 = st.columns(3)
 gpu = c1.selectbox("GPU type", list(GPU_CATALOG), index=1, key="roi_gpu")
-price = c1.number_input("Price per GPU-hour ($)", 0.01, 100.0, GPU_CATALOG[gpu]["price_per_hour"], 0.01,
-                        key=f"roi_price_{gpu}")
-memory = c1.number_input("GPU memory (GiB)", 1.0, 512.0, GPU_CATALOG[gpu]["memory_gib"], 1.0, key=f"roi_mem_{gpu}")
+spec = GPU_CATALOG[gpu]
+price = c1.number_input("Price per GPU-hour ($)", 0.01, 100.0, spec["price_per_hour"], 0.01, key=f"roi_price_{gpu}")
+memory = c1.number_input("GPU memory (GiB)", 1.0, 512.0, spec["memory_gib"], 1.0, key=f"roi_mem_{gpu}")
+bandwidth = c1.number_input("Memory bandwidth (GB/s)", 1.0, 1e5, spec["bandwidth_gbs"], 10.0, key=f"roi_bw_{gpu}",
+                            help="Bounds decode in the mid-term projection.")
+tflops = c1.number_input("Peak 16-bit TFLOP/s (dense)", 1.0, 1e5, spec["peak_tflops"], 1.0, key=f"roi_tflops_{gpu}",
+                         help="Bounds prefill in the mid-term projection.")
 requests = c2.number_input("Requests per day", 1.0, 1e10, 100_000.0, 1000.0, key="roi_requests")
 tokens = c2.number_input("Tokens per request (prompt + answer)", 1.0, 1e6, 500.0, 50.0, key="roi_tokens")
+prompt_share = c2.slider("Prompt share of the tokens", 0.0, 1.0, 0.5, 0.05, key="roi_prompt_share",
+                         help="Prompt tokens are prefilled, the rest generated one by one (mid-term projection).")
 replicas = c2.number_input("Replicas serving the original today", 1, 10_000, 2, 1, key="roi_replicas")
 overhead = c3.number_input("Runtime overhead per replica (GiB)", 0.0, 512.0, 2.0, 0.5, key="roi_overhead")
 days = c3.number_input("Engineering days (PoC + rollout)", 0.0, 1000.0, 10.0, 1.0, key="roi_days")
@@ -67,42 +74,60 @@ max_ppl = d1.number_input("Highest acceptable perplexity (× original)", 1.0, 10
                           key="roi_max_ppl", help="Held-out perplexity of the compressed model over the original's.")
 max_payback = d2.number_input("Payback within (months)", 0.5, 600.0, 12.0, 1.0, key="roi_max_payback")
 
-inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, requests_per_day=requests,
-                   tokens_per_request=tokens, current_replicas=int(replicas), overhead_gib=overhead,
+inputs = RoiInputs(gpu=gpu, gpu_memory_gib=memory, gpu_price_per_hour=price, gpu_bandwidth_gbs=bandwidth,
+                   gpu_peak_tflops=tflops, requests_per_day=requests, tokens_per_request=tokens,
+                   prompt_share=prompt_share, current_replicas=int(replicas), overhead_gib=overhead,
                    engineering_days=days, day_rate=rate, max_ppl_ratio=max_ppl, max_payback_months=max_payback)
 try:
     legacy = model_bytes(run["model"]) if is_missing(run.get("model_bytes_before")) else None
-    result = compute_roi(inputs, measured_from_run(run, legacy))
+    terms = compute_roi_terms(inputs, measured_from_run(run, legacy))
 except (ValueError, OSError) as exc:
     show_error(exc)
     st.stop()
 
+
+def show_term(col, roi: RoiResult, key: str) -> None:
+    """One term's column: its decision banner, headline numbers, cost table, formulas and assumptions."""
+    col.subheader(roi.term)
+    (col.success if roi.go else col.warning)(decision_line(roi),
+                                             icon=":material/check_circle:" if roi.go else ":material/block:")
+    m1, m2 = col.columns(2)
+    m1.metric("Monthly saving", dollars(roi.monthly_saving))
+    m2.metric("Payback", "never" if roi.payback_months is None else f"{roi.payback_months:.1f} months")
+    m1.metric("Speed vs original", roi.speed, help=f"speed-up used: {roi.speedup:.2f}x")
+    m2.metric("Perplexity vs original", "n/a" if roi.ppl_ratio is None else f"{roi.ppl_ratio:.2f}x")
+    col.markdown("\n".join(f"- {line}" for line in headline(roi)))
+    col.dataframe(pd.DataFrame(roi_table(roi)), hide_index=True, key=f"roi_table_{key}")
+    with col.expander("Formulas", expanded=True):
+        st.markdown("\n".join(f"- {line}" for line in roi.formulas))
+    with col.expander("Assumptions of this term"):
+        st.markdown("\n".join(f"- {line}" for line in roi.assumptions))
+
+
 st.subheader("Outcome")
-verdict = st.success if result.go else st.warning
-verdict(decision_line(result), icon=":material/check_circle:" if result.go else ":material/block:")
-m = st.columns(4)
-m[0].metric("Monthly saving", dollars(result.monthly_saving))
-m[1].metric("Payback", "never" if result.payback_months is None else f"{result.payback_months:.1f} months")
-m[2].metric("Decode speed vs original", f"{result.speedup:.2f}x", help=f"measured on {run['device']}")
-m[3].metric("Perplexity vs original", "n/a" if result.ppl_ratio is None else f"{result.ppl_ratio:.2f}x")
-if result.speedup < 1:
-    st.warning(f"This compressed model is SLOWER than the original ({result.speedup:.2f}x) on {run['device']}: "
-               "it needs more replicas, not fewer.")
-st.markdown("\n".join(f"- {line}" for line in headline(result)))
-st.dataframe(pd.DataFrame(roi_table(result)), hide_index=True, key="roi_table")
-with st.expander("Assumptions", expanded=True):
-    st.markdown("\n".join(f"- {a}" for a in result.assumptions))
+for note in terms.notes:
+    st.info(note, icon=":material/info:")
+if terms.short.speedup < 1:
+    st.warning(f"This compressed model is SLOWER than the original ({terms.short.speed}) on {run['device']}: "
+               "today it needs more replicas, not fewer.")
+short_col, mid_col = st.columns(2)
+show_term(short_col, terms.short, "short")
+show_term(mid_col, terms.mid, "mid")
+with st.expander("Assumptions (both terms)"):
+    st.markdown("\n".join(f"- {a}" for a in terms.assumptions))
 
 
 def report_input() -> ReportInput:
-    """The report of this run: the same table, the trade-off chart and the run history."""
-    mine = runs[runs["model"] == run["model"]]
+    """The report of this run: both terms, the size trade-off chart (with the free cast) and the run history."""
+    mine, column, title = charts.with_size_mib(runs[runs["model"] == run["model"]])
     ref = charts.reference_point(runs, run["model"])
-    figure = charts.tradeoff_chart(mine[~mine["baseline"]], "bytes_after", "ppl", ref, "block-linear bytes",
-                                   "perplexity")
-    cols = ["label", "method", "device", "bytes_after", "ppl", "kl", "top1_agreement", "decode_ms", "slower"]
+    cast = charts.sized(charts.free_cast_point(ref), column)
+    figure = charts.tradeoff_chart(mine[~mine["baseline"]], "size (MiB)", "ppl", charts.sized(ref, column), title,
+                                   "perplexity", extra=[cast] if cast else [])
+    cols = ["label", "method", "device", "dtype", "size (MiB)", "ppl", "kl", "top1_agreement", "decode_ms",
+            "decode_ratio", "resident_bytes", "slower"]
     return ReportInput(title=f"Saten compression of {run['model']}: cost and benefit", run_label=run["label"],
-                       roi=dataclasses.replace(result), runs=mine[cols], figures=[figure])
+                       terms=dataclasses.replace(terms), runs=mine[cols], figures=[figure])
 
 
 r1, r2 = st.columns(2)

@@ -168,11 +168,12 @@ def build_compressed(model_ref: str, plan: Plan, *, device: str = "auto", progre
         loaded, info = build_compressed("smollm2-135m", Plan(method="saten-aw", target_ratio=0.8))
         perplexity(loaded.model, loaded.tokenizer, held_out_text(None))
     """
-    from saten_core.models import load_model, resolve_device
+    from saten_core.models import load_model, resolve_device, to_working_precision
 
     plan.validate()
     dev = resolve_device(device)
     if progress is not None:
         progress("load", 0.0, f"loading {model_ref} on {dev}")
-    loaded = load_model(model_ref, device=dev)
+    loaded = load_model(model_ref, device=dev, dtype=plan.torch_dtype())  # the deployed weights,
+    to_working_precision(loaded.model)  # compressed and healed in fp32 (cast with .to(plan.torch_dtype()))
     return loaded, compress_loaded(loaded, plan, progress=progress, should_stop=should_stop, stats=stats)

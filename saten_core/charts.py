@@ -8,7 +8,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from saten_core.roi import is_missing, speed_verdict
+
 ORIGINAL_LABEL = "original"
+CAST_LABEL = "original cast to bf16 (free)"
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -107,10 +110,12 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str) -> pd.Series:
 
 
 def tradeoff_chart(df: pd.DataFrame, x: str, y: str, reference: dict | None = None,
-                   x_title: str | None = None, y_title: str | None = None) -> go.Figure:
+                   x_title: str | None = None, y_title: str | None = None,
+                   extra: Sequence[dict] = ()) -> go.Figure:
     """Runs as points coloured by method, the Pareto front as a line, the original model as a star.
 
-    df needs columns `label`, `method`, x and y; `reference` is {x: .., y: ..} of the original model.
+    df needs columns `label`, `method`, x and y; `reference` is {x: .., y: ..} of the original model; each of
+    `extra` ({x: .., y: .., "label": ..}) is another reference drawn as a labelled diamond (e.g. free_cast_point).
     """
     _need(df, ["label", "method", x, y])
     fig = go.Figure()
@@ -124,6 +129,10 @@ def tradeoff_chart(df: pd.DataFrame, x: str, y: str, reference: dict | None = No
     if reference is not None:
         fig.add_trace(go.Scatter(x=[reference[x]], y=[reference[y]], mode="markers", name=ORIGINAL_LABEL,
                                  marker={"symbol": "star", "size": 16, "color": "gold",
+                                         "line": {"color": "black", "width": 1}}))
+    for point in extra:
+        fig.add_trace(go.Scatter(x=[point[x]], y=[point[y]], mode="markers", name=point["label"],
+                                 marker={"symbol": "diamond", "size": 13, "color": "silver",
                                          "line": {"color": "black", "width": 1}}))
     return _layout(fig, f"{y_title or y} vs {x_title or x}", x_title or x, y_title or y)
 
@@ -193,11 +202,36 @@ def _plan_summary(plan: dict) -> tuple[str, bool]:
     return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + heal + part, False
 
 
+DEPLOY_COLUMNS = ("dtype", "resident_bytes", "resident_bytes_original", "peak_memory_bytes",
+                  "peak_memory_bytes_original", "memory_growth_bytes", "memory_growth_bytes_original", "decode_ratio",
+                  "decode_ratio_min", "decode_ratio_max", "prefill_ratio", "prefill_ratio_min", "prefill_ratio_max",
+                  "ratio_reference", "ratio_rounds", "macs_per_token_before", "macs_per_token_after")
+_TOTALS_FIELDS = ("dtype", "macs_per_token_before", "macs_per_token_after")
+
+
+def _deploy_fields(result: dict) -> dict:
+    """A report's deployment measurements (DEPLOY_COLUMNS); None for each one an older job never recorded.
+
+    Totals hold what the plan fixes (dtype, multiply-adds); `eval` what was measured, with the ratios also looked
+    up in eval.latency and the round count in its side-by-side block.
+    """
+    ev, tot = result.get("eval") or {}, result.get("totals") or {}
+    latency = ev.get("latency") or {}
+    out = {}
+    for name in DEPLOY_COLUMNS:
+        place = tot if name in _TOTALS_FIELDS else ev
+        out[name] = place.get(name, latency.get(name) if place is ev else None)
+    if out["ratio_rounds"] is None:
+        out["ratio_rounds"] = (latency.get("side_by_side") or {}).get("rounds")
+    return out
+
+
 def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:
-    """One row per finished job (Job.to_dict()): label, method, sizes, quality and latency, ready to plot.
+    """One row per finished job (Job.to_dict()): label, method, sizes, quality, latency and memory, ready to plot.
 
     `baseline` rows ran a plan that changes nothing: their latency is the original model's on that device.
-    `slower` is True when a compressed run decodes slower than the original measured on the same device.
+    `slower` is True when a compressed run decodes slower than its original: from the side-by-side ratio when
+    the run has one (its whole min–max spread above 1), else against the reference job on the same device.
     """
     import json
 
@@ -215,10 +249,12 @@ def runs_frame(jobs: Sequence[dict]) -> pd.DataFrame:
                      "top1_agreement": job.get("top1_agreement"), "decode_ms": job.get("decode_ms_per_token"),
                      "prefill_ms": job.get("prefill_ms"), "seconds": job.get("seconds"),
                      "model_bytes_before": tot.get("model_bytes_before"),
-                     "model_bytes_after": tot.get("model_bytes_after"), "eval_text": ev.get("text_sha256")})
+                     "model_bytes_after": tot.get("model_bytes_after"), "eval_text": ev.get("text_sha256"),
+                     **_deploy_fields(result)})
     df = pd.DataFrame(rows, columns=["id", "label", "model", "method", "baseline", "device", "bytes_before",
                                      "bytes_after", "model_bytes_before", "model_bytes_after", "ppl", "ppl_original",
-                                     "kl", "top1_agreement", "decode_ms", "prefill_ms", "seconds", "eval_text"])
+                                     "kl", "top1_agreement", "decode_ms", "prefill_ms", "seconds", "eval_text",
+                                     *DEPLOY_COLUMNS])
     return _mark_slower(df)
 
 
@@ -228,12 +264,60 @@ def _reference_decode(df: pd.DataFrame, model: str, device: str | None) -> float
     return None if ref.empty else float(ref.sort_values("id")["decode_ms"].iloc[-1])
 
 
+def is_slower(row: dict) -> bool:
+    """Whether a compressed run decodes slower: the side-by-side spread all above 1, else vs the reference job.
+
+    Two jobs timed at different moments differ by tens of percent on a shared machine, so that comparison is
+    only the fallback for runs recorded before side-by-side ratios existed.
+    """
+    if row["baseline"]:
+        return False
+    if not is_missing(row.get("decode_ratio")):
+        low = row.get("decode_ratio_min")
+        return float(row["decode_ratio"] if is_missing(low) else low) > 1.0
+    ref, mine = row.get("decode_ms_original"), row.get("decode_ms")
+    return bool(not is_missing(ref) and not is_missing(mine) and mine > ref)
+
+
 def _mark_slower(df: pd.DataFrame) -> pd.DataFrame:
-    ref = [_reference_decode(df, m, d) for m, d in zip(df["model"], df["device"], strict=True)]
-    df["decode_ms_original"] = ref
-    df["slower"] = [bool(r is not None and x is not None and not b and x > r)
-                    for r, x, b in zip(ref, df["decode_ms"], df["baseline"], strict=True)]
+    df["decode_ms_original"] = [_reference_decode(df, m, d) for m, d in zip(df["model"], df["device"], strict=True)]
+    df["slower"] = [is_slower(row) for row in df.to_dict("records")]
     return df
+
+
+def speed_text(row: dict) -> str:
+    """A run's decode speed in words for tables: side by side when measured, else vs the reference job (said so)."""
+    if row["baseline"]:
+        return ""
+    if not is_missing(row.get("decode_ratio")):
+        against = "" if is_missing(row.get("ratio_reference")) else f" (vs {row['ratio_reference']} original)"
+        return speed_verdict(row["decode_ratio"], row.get("decode_ratio_min"), row.get("decode_ratio_max")) + against
+    ref, mine = row.get("decode_ms_original"), row.get("decode_ms")
+    if is_missing(ref) or is_missing(mine):
+        return "not measured"
+    return speed_verdict(float(mine) / float(ref)) + " (vs reference job, timed apart)"
+
+
+MEMORY_MIB = {"resident_bytes": "resident (MiB)", "resident_bytes_original": "resident, original (MiB)",
+              "peak_memory_bytes": "peak memory (MiB)", "peak_memory_bytes_original": "peak memory, original (MiB)",
+              "memory_growth_bytes": "memory growth (MiB)",
+              "memory_growth_bytes_original": "memory growth, original (MiB)"}
+
+
+def results_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The Results page's run table: memory in MiB and the speed in words next to quality, raw bytes after.
+
+    Columns that no run of `df` measured (memory growth on CUDA, ratios of older runs) are left out.
+    """
+    out = df.drop(columns=["model", "baseline", *MEMORY_MIB])
+    for raw, name in MEMORY_MIB.items():
+        out[name] = df[raw].astype(float) / 2**20
+    out["speed"] = [speed_text(row) for row in df.to_dict("records")]
+    front = ["id", "label", "method", "device", "dtype", "ppl", "ppl_original", "kl", "top1_agreement", "speed",
+             *MEMORY_MIB.values()]
+    out = out[front + [c for c in out.columns if c not in front]]
+    optional = {*DEPLOY_COLUMNS, *MEMORY_MIB.values()}
+    return out[[c for c in out.columns if c not in optional or out[c].notna().any()]]
 
 
 def eval_texts(df: pd.DataFrame) -> list[str]:
@@ -264,10 +348,29 @@ def with_size_mib(df: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
 
 
 def reference_point(df: pd.DataFrame, model: str) -> dict | None:
-    """The original model as a point for trade-off charts: its bytes, perplexity and decode time."""
+    """The original model as a point for trade-off charts: its bytes, perplexity, decode time and deploy dtype."""
     runs = df[(df["model"] == model) & ~df["baseline"] & df["bytes_before"].notna()]
     if runs.empty:
         return None
     last = runs.sort_values("id").iloc[-1]
     return {"bytes_after": last["bytes_before"], "model_bytes_after": last["model_bytes_before"],
-            "ppl": last["ppl_original"], "decode_ms": last["decode_ms_original"]}
+            "ppl": last["ppl_original"], "decode_ms": last["decode_ms_original"], "dtype": last["dtype"]}
+
+
+def free_cast_point(reference: dict | None) -> dict | None:
+    """The float32 original cast to bf16 as a point at half its bytes (None unless the original is float32).
+
+    A 16-bit cast is free and keeps quality, so a float32 run's size saving must be read against it; drawn at
+    the float32 original's perplexity (the cast changes it very little).
+    """
+    if reference is None or reference.get("dtype") != "float32":
+        return None
+    half = {k: None if is_missing(reference[k]) else reference[k] / 2 for k in ("bytes_after", "model_bytes_after")}
+    return {**reference, **half, "decode_ms": None, "dtype": "bfloat16", "label": CAST_LABEL}
+
+
+def sized(point: dict | None, column: str) -> dict | None:
+    """A reference point with `size (MiB)` from its `column` bytes, matching with_size_mib's axis."""
+    if point is None or is_missing(point.get(column)):
+        return None
+    return {**point, "size (MiB)": float(point[column]) / 2**20}

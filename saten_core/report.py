@@ -9,11 +9,13 @@ from datetime import datetime, timezone
 import pandas as pd
 import plotly.graph_objects as go
 
-from saten_core.roi import RoiResult, roi_table
+from saten_core.roi import RoiResult, RoiTerms, roi_table
 
 BASE_CAVEATS = (
-    "Numbers come from one measured run on the machine named below; a different GPU, batch size or "
+    "Short-term numbers come from one measured run on the device its assumptions name; a different GPU, batch size or "
     "serving stack changes absolute speed.",
+    "Mid-term numbers are a projection from bytes and multiply-adds, not a measurement: they hold once kernels "
+    "that read only the compressed bytes exist for your GPU.",
     "Perplexity on the bundled held-out text is a proxy: test the compressed model on real prompts.",
     "A compressed model that decodes slower than the original needs more replicas, which this report counts.",
 )
@@ -25,7 +27,7 @@ class ReportInput:
 
     title: str
     run_label: str
-    roi: RoiResult
+    terms: RoiTerms
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # run history table (one row per run)
     figures: list[go.Figure] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)
@@ -41,17 +43,16 @@ def decision_line(roi: RoiResult) -> str:
     return f"Decision: {'GO' if roi.go else 'NO-GO'} for this PoC ({'; '.join(roi.criteria)})."
 
 
-def summary(roi: RoiResult) -> list[str]:
-    """The reports' summary: the decision first, then the headline."""
-    return [decision_line(roi), *headline(roi)]
+def summary(terms: RoiTerms) -> list[str]:
+    """The reports' summary: each term's decision first, then what holds for both (e.g. the free 16-bit cast)."""
+    return [f"{roi.term}: {decision_line(roi)}" for roi in (terms.short, terms.mid)] + terms.notes
 
 
 def headline(roi: RoiResult) -> list[str]:
-    """Short sentences that say the result in plain words (speed, size, quality, money)."""
-    speed = "faster" if roi.speedup >= 1 else "SLOWER"
+    """Short sentences that say one term's result in plain words (size, speed, quality, money)."""
     lines = [
-        f"Model size: {roi.size_ratio:.0%} of the original.",
-        f"Decode speed: {roi.speedup:.2f}x the original ({speed}).",
+        f"Model size: {roi.size_ratio:.0%} of the original (as stored).",
+        f"Speed vs the original: {roi.speed}.",
         f"Monthly saving: {dollars(roi.monthly_saving)} (engineering cost {dollars(roi.engineering_cost)}).",
         "Payback: " + (f"{roi.payback_months:.1f} months." if roi.payback_months is not None
                        else "never at this traffic (no saving)."),
@@ -62,7 +63,12 @@ def headline(roi: RoiResult) -> list[str]:
 
 
 def _caveats(data: ReportInput) -> list[str]:
-    extra = ["The compressed model is slower than the original on the measured device."] if data.roi.speedup < 1 else []
+    extra = []
+    if data.terms.short.speedup < 1:
+        extra.append("The compressed model is slower than the original on the measured device.")
+    if data.terms.mid.speedup < 1:
+        extra.append("Even with kernels that read only its bytes, the compressed model is projected slower: it "
+                     "stores more bytes or multiply-adds than the original.")
     return [*BASE_CAVEATS, *extra, *data.caveats]
 
 
@@ -78,17 +84,24 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
+def _markdown_term(roi: RoiResult) -> list[str]:
+    """One term's section: decision, headline, cost table, the formulas with their numbers, its assumptions."""
+    return [f"## {roi.term}", f"**{decision_line(roi)}**", *[f"- {line}" for line in headline(roi)],
+            markdown_table(pd.DataFrame(roi_table(roi), dtype=object)), "Formulas:", *[f"- {f}" for f in roi.formulas],
+            "Assumptions of this term:", *[f"- {a}" for a in roi.assumptions]]
+
+
 def to_markdown(data: ReportInput) -> str:
-    """Markdown report: headline, ROI table, run history, assumptions, caveats (charts only in the HTML)."""
-    table = markdown_table(pd.DataFrame(roi_table(data.roi)))
+    """Markdown report: decisions, one section per term, run history, assumptions, caveats (charts in the HTML)."""
     parts = [f"# {data.title}", f"Run: **{data.run_label}** — generated {_stamp()}", "## Summary",
-             *[f"- {line}" for line in summary(data.roi)], "## Cost comparison", table]
+             *[f"- {line}" for line in summary(data.terms)],
+             *_markdown_term(data.terms.short), *_markdown_term(data.terms.mid)]
     if len(data.runs):
         parts += ["## Runs", markdown_table(data.runs)]
     if data.figures:
         parts += ["## Charts", "Interactive charts are in the HTML version of this report: "
                   + ", ".join(_figure_title(f) for f in data.figures) + "."]
-    parts += ["## Assumptions", *[f"- {a}" for a in data.roi.assumptions],
+    parts += ["## Assumptions (both terms)", *[f"- {a}" for a in data.terms.assumptions],
               "## Caveats", *[f"- {c}" for c in _caveats(data)]]
     return "\n\n".join(parts) + "\n"
 
@@ -110,17 +123,25 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
          "padding:4px 10px;text-align:right}table.t th{background:#f4f4f4}h1{color:#8a1538}")
 
 
+def _html_term(roi: RoiResult) -> list[str]:
+    """One term's section, as in the Markdown report."""
+    return [f"<h2>{html.escape(roi.term)}</h2>", f"<p><b>{html.escape(decision_line(roi))}</b></p>",
+            _html_list(headline(roi)), _html_table(pd.DataFrame(roi_table(roi), dtype=object)),
+            "<h3>Formulas</h3>", _html_list(roi.formulas), "<h3>Assumptions of this term</h3>",
+            _html_list(roi.assumptions)]
+
+
 def to_html(data: ReportInput) -> str:
     """Self-contained HTML (plotly.js inlined once, so it opens offline) with charts, tables and caveats."""
     body = [f"<h1>{html.escape(data.title)}</h1>",
             f"<p>Run: <b>{html.escape(data.run_label)}</b> — generated {_stamp()}</p>",
-            "<h2>Summary</h2>", _html_list(summary(data.roi)),
-            "<h2>Cost comparison</h2>", _html_table(pd.DataFrame(roi_table(data.roi)))]
+            "<h2>Summary</h2>", _html_list(summary(data.terms)),
+            *_html_term(data.terms.short), *_html_term(data.terms.mid)]
     if len(data.runs):
         body += ["<h2>Runs</h2>", _html_table(data.runs)]
     for i, fig in enumerate(data.figures):
         body.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    body += ["<h2>Assumptions</h2>", _html_list(data.roi.assumptions),
+    body += ["<h2>Assumptions (both terms)</h2>", _html_list(data.terms.assumptions),
              "<h2>Caveats</h2>", _html_list(_caveats(data))]
     head = f"<meta charset='utf-8'><title>{html.escape(data.title)}</title><style>{STYLE}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>"

@@ -166,3 +166,81 @@ def test_runs_frame_labels_allocated_and_healed_runs_apart():
                                                      {"pattern": "b", "skip": True}], "heal_steps": 128}
     labels = charts.runs_frame([_job(7, allocated), _job(8, {"method": "wanda", "target_ratio": 0.5})])["label"]
     assert labels.tolist() == ["#7 saten-aw per-layer plan (1 layer set), healed 128 steps", "#8 wanda 50% bytes"]
+
+
+def _deployed_result(dtype="bfloat16", **ev) -> str:
+    """A report JSON with the deployment measurements a job records (injected numbers, never measured here)."""
+    import json
+
+    totals = {"dtype": dtype, "model_bytes_before": 3 * 2**20, "model_bytes_after": 2 * 2**20,
+              "macs_per_token_before": 1000, "macs_per_token_after": 400}
+    base = {"ppl_original": 15.0, "resident_bytes": 2**21, "resident_bytes_original": 3 * 2**20,
+            "peak_memory_bytes": 5 * 2**20, "peak_memory_bytes_original": 6 * 2**20, "memory_growth_bytes": 2**20,
+            "memory_growth_bytes_original": 2**21, "decode_ratio": 0.8, "decode_ratio_min": 0.7,
+            "decode_ratio_max": 0.9, "prefill_ratio": 1.1, "ratio_reference": "float32",
+            "latency": {"decode_ms_per_token": 9.0, "side_by_side": {"rounds": 5}}}
+    return json.dumps({"eval": {**base, **ev}, "totals": totals})
+
+
+def test_speed_verdict_calls_a_spread_across_one_no_difference():
+    assert charts.speed_verdict(0.8, 0.7, 0.9) == "1.25× faster"
+    assert charts.speed_verdict(0.8, 0.7, 1.05) == "no measurable difference"
+    assert charts.speed_verdict(1.5, 1.2, 1.8) == "1.50× SLOWER"
+    assert charts.speed_verdict(1.5) == "1.50× SLOWER"  # no spread recorded: the median alone
+    assert charts.speed_verdict(float("nan")) == "not measured"
+    with pytest.raises(ValueError, match="-0.5"):
+        charts.speed_verdict(-0.5)
+
+
+def test_runs_frame_carries_the_deployment_measurements():
+    df = charts.runs_frame([_job(1, {"method": "saten", "target_ratio": 0.6}, result_json=_deployed_result())])
+    row = df.iloc[0]
+    assert (row["dtype"], row["ratio_reference"], row["ratio_rounds"]) == ("bfloat16", "float32", 5)
+    assert (row["resident_bytes"], row["resident_bytes_original"]) == (2**21, 3 * 2**20)
+    assert (row["peak_memory_bytes"], row["memory_growth_bytes_original"]) == (5 * 2**20, 2**21)
+    assert (row["decode_ratio"], row["decode_ratio_min"], row["decode_ratio_max"], row["prefill_ratio"]) == (
+        0.8, 0.7, 0.9, 1.1)
+    assert (row["macs_per_token_before"], row["macs_per_token_after"]) == (1000, 400)
+    old = charts.runs_frame([_job(2, {"method": "svd"})]).iloc[0]
+    assert all(charts.is_missing(old[c]) for c in charts.DEPLOY_COLUMNS)
+
+
+def test_slower_comes_from_the_side_by_side_spread_before_the_reference_job():
+    """The reference job decodes at 10 ms; a run timed at 12 ms in another job is not slower if side by side
+    its spread spans 1, and a run timed at 8 ms is slower if its whole spread is above 1."""
+    ref = _job(1, {"exclude": ["*"], "method": "saten"}, bytes_before=0, bytes_after=0, decode_ms_per_token=10.0)
+    noisy = _job(2, {"method": "saten", "target_ratio": 0.8}, decode_ms_per_token=12.0,
+                 result_json=_deployed_result(decode_ratio=1.1, decode_ratio_min=0.95, decode_ratio_max=1.2))
+    slow = _job(3, {"method": "saten", "target_ratio": 0.7}, decode_ms_per_token=8.0,
+                result_json=_deployed_result(decode_ratio=1.3, decode_ratio_min=1.1, decode_ratio_max=1.4))
+    old = _job(4, {"method": "svd", "target_ratio": 0.7}, decode_ms_per_token=12.0)  # no ratio: vs reference
+    df = charts.runs_frame([ref, noisy, slow, old])
+    assert list(df["slower"]) == [False, False, True, True]
+    speed = charts.results_table(df)["speed"].tolist()
+    assert speed[0] == "" and speed[1] == "no measurable difference (vs float32 original)"
+    assert speed[2].startswith("1.30× SLOWER") and speed[3] == "1.20× SLOWER (vs reference job, timed apart)"
+
+
+def test_results_table_shows_memory_in_mib_and_leaves_out_what_nobody_measured():
+    df = charts.runs_frame([_job(1, {"method": "saten", "target_ratio": 0.6}, result_json=_deployed_result())])
+    table = charts.results_table(df)
+    assert (table["resident (MiB)"].iloc[0], table["resident, original (MiB)"].iloc[0]) == (2.0, 3.0)
+    assert (table["peak memory (MiB)"].iloc[0], table["peak memory, original (MiB)"].iloc[0]) == (5.0, 6.0)
+    assert table["speed"].iloc[0] == "1.25× faster (vs float32 original)"
+    assert "resident_bytes" not in table and "model" not in table
+    old = charts.results_table(charts.runs_frame([_job(2, {"method": "svd"})]))
+    assert "resident (MiB)" not in old and "decode_ratio" not in old and "ppl" in old
+
+
+def test_a_float32_original_gets_its_free_bf16_cast_drawn_at_half_the_bytes():
+    jobs = [_job(1, {"method": "saten", "target_ratio": 0.6}, bytes_after=60, result_json=_deployed_result("float32"))]
+    df, column, _ = charts.with_size_mib(charts.runs_frame(jobs))
+    ref = charts.reference_point(df, "m")
+    cast = charts.sized(charts.free_cast_point(ref), column)
+    assert cast["label"] == charts.CAST_LABEL and cast["size (MiB)"] == 1.5 and cast["ppl"] == 15.0
+    fig = charts.tradeoff_chart(df, "size (MiB)", "ppl", charts.sized(ref, column), extra=[cast])
+    assert [t.name for t in fig.data][-2:] == [charts.ORIGINAL_LABEL, charts.CAST_LABEL]
+    assert list(fig.data[-1].x) == [1.5] and list(fig.data[-2].x) == [3.0]
+    bf16 = charts.runs_frame([{**jobs[0], "result_json": _deployed_result("bfloat16")}])
+    assert charts.free_cast_point(charts.reference_point(bf16, "m")) is None
+    assert charts.free_cast_point(None) is None

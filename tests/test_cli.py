@@ -193,7 +193,7 @@ def test_plan_target_bytes_fits_the_whole_model(tiny_llama_dir, tmp_path, alloca
     linear = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in linear_layers(model))
     target = parameter_bytes(model) - linear + int(0.7 * linear)
     out = tmp_path / "p.json"
-    proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-bytes", target,
+    proc = cli("plan", "--model", tiny_llama_dir, "--method", "saten", "--target-bytes", target, "--dtype", "float32",
                *(["--allocate"] if allocate else []), "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert f"target of {target:,} B" in proc.stderr

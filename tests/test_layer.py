@@ -30,13 +30,15 @@ def _rel(a, b):
 
 
 def _outputs(layer, x):
-    """Outputs of every sparse path (inference) and of the differentiable training path."""
-    outs = {}
+    """Outputs of the compact path, every materialized sparse path and the differentiable training path."""
     with torch.no_grad():
+        outs = {"compact": layer(x)}
+        layer.materialize()
         for path in PATHS:
             layer.sparse_path = path
             outs[path] = layer(x)
     layer.sparse_path = "auto"
+    layer.materialize(False)
     outs["train"] = layer(x).detach()
     return outs
 
@@ -177,6 +179,7 @@ def test_training_after_inference_mode_evaluation_of_a_loaded_layer(linear, x):
 
 def test_inference_reuses_cached_factor_pair(linear, x):
     layer = SatenLinear.from_linear(linear, LayerSpec(rank=4, density=0.5))
+    layer.materialize()
     with torch.no_grad():
         layer(x)
         first = layer._cached(layer._choose_path(x.shape[0]))

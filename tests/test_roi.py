@@ -6,7 +6,18 @@ import dataclasses
 
 import pytest
 
-from saten_core.roi import GIB, HOURS_PER_MONTH, Measured, RoiInputs, compute_roi, replicas_needed, roi_table
+from saten_core.roi import (
+    GIB,
+    GPU_CATALOG,
+    HOURS_PER_MONTH,
+    NO_DIFFERENCE,
+    Measured,
+    RoiInputs,
+    compute_roi,
+    compute_roi_terms,
+    replicas_needed,
+    roi_table,
+)
 
 
 def _measured(**kw) -> Measured:
@@ -85,7 +96,7 @@ def _report_input(**kw):
 
     fig = charts.spectrum_chart(charts.spectrum_frame([3.0, 2.0, 1.0]), rank=2, title="Spectrum of q_proj")
     runs = pd.DataFrame({"run": ["job 1"], "method": ["saten"], "ppl": [16.5], "bytes": [2 * GIB]})
-    base = dict(title="Saten PoC", run_label="job 1 <saten>", roi=compute_roi(RoiInputs(), _measured()),
+    base = dict(title="Saten PoC", run_label="job 1 <saten>", terms=compute_roi_terms(RoiInputs(), _measured()),
                 runs=runs, figures=[fig], caveats=["tiny demo run"])
     base.update(kw)
     return ReportInput(**base)
@@ -104,8 +115,8 @@ def test_markdown_report_has_table_assumptions_and_caveats():
 def test_html_report_is_self_contained_escaped_and_flags_slow_models():
     from saten_core.report import to_html
 
-    slow = compute_roi(RoiInputs(), _measured(decode_s_compressed=0.05))
-    page = to_html(_report_input(roi=slow))
+    slow = compute_roi_terms(RoiInputs(), _measured(decode_s_compressed=0.05))
+    page = to_html(_report_input(terms=slow))
     assert page.startswith("<!doctype html>") and "plotly" in page.lower()
     assert "job 1 &lt;saten&gt;" in page and "<saten>" not in page
     assert "SLOWER" in page and "slower than the original" in page
@@ -169,8 +180,158 @@ def test_go_needs_quality_within_the_limit_and_payback_in_time():
 def test_reports_state_the_decision_first():
     from saten_core.report import decision_line, to_html, to_markdown
 
-    go = compute_roi(RoiInputs(current_replicas=4, max_ppl_ratio=1.2), _measured())
-    assert decision_line(go).startswith("Decision: GO for this PoC (quality: perplexity 1.100x")
-    md = to_markdown(_report_input(roi=go))
+    go = compute_roi_terms(RoiInputs(current_replicas=4, max_ppl_ratio=1.2), _measured())
+    assert decision_line(go.short).startswith("Decision: GO for this PoC (quality: perplexity 1.100x")
+    md = to_markdown(_report_input(terms=go))
     assert md.index("Decision: GO") < md.index("Model size:")
-    assert "Decision: NO-GO" in to_html(_report_input(roi=compute_roi(RoiInputs(), _measured())))
+    assert "Decision: NO-GO" in to_html(_report_input(terms=compute_roi_terms(RoiInputs(), _measured())))
+
+
+def _deployed(**kw) -> Measured:
+    """A bf16 run measured the new way: resident memory, side-by-side ratio, multiply-adds (all injected)."""
+    base = dict(bytes_original=1000 * 2**20, bytes_compressed=600 * 2**20, ppl_original=15.0, ppl_compressed=15.3,
+                device="cpu", dtype="bfloat16", resident_bytes_original=1000 * 2**20,
+                resident_bytes_compressed=1400 * 2**20, decode_ratio=0.5, decode_ratio_min=0.45,
+                decode_ratio_max=0.55, ratio_reference="float32", ratio_rounds=5, changed_bytes_original=800 * 2**20,
+                macs_original=400 * 2**20, macs_compressed=150 * 2**20)
+    base.update(kw)
+    return Measured(**base)
+
+
+def test_short_term_memory_is_the_resident_bytes_and_mid_term_the_stored_bytes():
+    """A compressed model that holds more than it stores (dense caches) needs that memory today, not later."""
+    inputs = RoiInputs(gpu_memory_gib=3.0, overhead_gib=1.5)
+    t = compute_roi_terms(inputs, _deployed(resident_bytes_compressed=2 * GIB))
+    assert t.short.compressed.memory_per_replica_gib == pytest.approx(2 + 1.5)
+    assert t.short.original.memory_per_replica_gib == pytest.approx(1000 / 1024 + 1.5)
+    assert (t.short.compressed.gpus_per_replica, t.short.original.gpus_per_replica) == (2, 1)
+    assert t.mid.compressed.memory_per_replica_gib == pytest.approx(600 / 1024 + 1.5)
+    assert t.mid.compressed.gpus_per_replica == 1
+    assert any("resident bytes" in f for f in t.short.formulas)
+    assert any("as stored" in f for f in t.mid.formulas)
+
+
+def test_a_ratio_whose_spread_spans_one_is_no_speedup():
+    inputs = RoiInputs(current_replicas=4)
+    noisy = compute_roi_terms(inputs, _deployed(decode_ratio=0.8, decode_ratio_min=0.7, decode_ratio_max=1.1)).short
+    assert noisy.speedup == 1.0 and noisy.speed == NO_DIFFERENCE and noisy.compressed.replicas == 4
+    assert any("spans 1.0" in f for f in noisy.formulas)
+    clear = compute_roi_terms(inputs, _deployed(decode_ratio=0.8, decode_ratio_min=0.7, decode_ratio_max=0.9)).short
+    assert clear.speedup == pytest.approx(1.25) and clear.speed == "1.25× faster" and clear.compressed.replicas == 4
+    fast = compute_roi_terms(inputs, _deployed()).short  # ratio 0.5: twice as fast, half the replicas
+    assert fast.speedup == pytest.approx(2.0) and fast.compressed.replicas == 2
+    slow = compute_roi_terms(inputs, _deployed(decode_ratio=1.5, decode_ratio_min=1.2, decode_ratio_max=1.8)).short
+    assert slow.speed == "1.50× SLOWER" and slow.compressed.replicas == 6 and slow.payback_months is None
+    assert any("float32" in a for a in fast.assumptions)  # the original the ratio is against
+
+
+def test_mid_term_decode_follows_bytes_and_prefill_follows_multiply_adds():
+    """Bandwidth-bound decode: speed-up = byte ratio; compute-bound prefill: whole-model multiply-add ratio."""
+    decode_only = compute_roi_terms(RoiInputs(prompt_share=0.0), _deployed()).mid
+    assert decode_only.speedup == pytest.approx(1000 / 600)
+    # changed layers 400 -> 150 (Mi multiply-adds) + the other 200 MiB of bf16 parameters once each (100 Mi)
+    prefill_only = compute_roi_terms(RoiInputs(prompt_share=1.0), _deployed()).mid
+    assert prefill_only.speedup == pytest.approx(500 / 250)
+    mixed = compute_roi_terms(RoiInputs(), _deployed()).mid
+    assert 1000 / 600 <= mixed.speedup <= 2.0
+    assert mixed.speed.endswith("(projected)")
+    text = " ".join(mixed.formulas)
+    assert "memory bandwidth (300 GB/s)" in text and "peak throughput (121 TFLOP/s)" in text
+    assert "r·(in+out) + nnz" in text and "0.50 × prefill + 0.50 × decode" in text
+
+
+def test_mid_term_does_not_depend_on_the_measured_speed():
+    """The projection reads bytes and multiply-adds only: a noisy or slow CPU timing leaves it unchanged."""
+    a = compute_roi_terms(RoiInputs(), _deployed()).mid
+    b = compute_roi_terms(RoiInputs(), _deployed(decode_ratio=1.5, decode_ratio_min=1.4, decode_ratio_max=1.6)).mid
+    assert a.speedup == b.speedup and a.monthly_saving == b.monthly_saving
+
+
+def test_both_terms_get_their_own_decision():
+    """Slower and bigger today (no-go), twice as fast once kernels read only its bytes (go)."""
+    inputs = RoiInputs(current_replicas=10, max_payback_months=12)
+    t = compute_roi_terms(inputs, _deployed(decode_ratio=1.02, decode_ratio_min=0.97, decode_ratio_max=1.08))
+    assert not t.short.go and "never (no saving)" in t.short.criteria[1]
+    assert t.mid.go and t.mid.compressed.replicas < 10 and t.mid.payback_months < 12
+    assert (t.short.term, t.mid.term) == ("Short term (measured today)",
+                                          "Mid term (projected, kernels that read only the compressed bytes)")
+
+
+def test_runs_without_the_new_measurements_fall_back_and_say_so():
+    old = _measured(device="cpu")  # stored bytes and two separately timed decode times only
+    t = compute_roi_terms(RoiInputs(current_replicas=4), old)
+    assert t.short.compressed.memory_per_replica_gib == pytest.approx(2 + 2.0)
+    assert t.short.speedup == pytest.approx(2.0)
+    short, mid = " ".join(t.short.assumptions), " ".join(t.mid.assumptions)
+    assert "no resident-memory measurement" in short and "no side-by-side speed ratio" in short
+    assert "recorded no multiply-adds" in mid and "does not record its deploy dtype" in mid
+    assert t.mid.speedup == pytest.approx(2.0)  # bytes 4 -> 2 GiB, prefill from bytes too
+    assert t.notes == []
+
+
+def test_a_float32_run_is_told_the_free_16_bit_cast():
+    t = compute_roi_terms(RoiInputs(), _deployed(dtype="float32"))
+    assert len(t.notes) == 1 and "halves the original's bytes for free" in t.notes[0]
+    assert compute_roi_terms(RoiInputs(), _deployed()).notes == []
+
+
+@pytest.mark.parametrize("changes,name", [
+    ({"decode_ratio_min": 0.6}, "decode_ratio_min"), ({"decode_ratio_max": 0.4}, "decode_ratio_max"),
+    ({"decode_ratio": 0.0}, "decode_ratio"), ({"resident_bytes_compressed": 0}, "resident_bytes_compressed"),
+    ({"dtype": "int8"}, "dtype"), ({"changed_bytes_original": 2000 * 2**20}, "changed_bytes_original"),
+    ({"decode_ratio": None}, "decode_ratio"), ({"macs_compressed": -1.0}, "macs_compressed")])
+def test_bad_deploy_measurements_name_the_value(changes, name):
+    with pytest.raises(ValueError, match=name):
+        compute_roi_terms(RoiInputs(), _deployed(**changes))
+
+
+@pytest.mark.parametrize("field,value", [("gpu_bandwidth_gbs", 0), ("gpu_peak_tflops", -1), ("prompt_share", 1.5)])
+def test_bad_projection_inputs_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        compute_roi_terms(dataclasses.replace(RoiInputs(), **{field: value}), _deployed())
+
+
+def test_every_catalog_gpu_has_bandwidth_and_peak():
+    assert all(g["bandwidth_gbs"] > 0 and g["peak_tflops"] > 0 for g in GPU_CATALOG.values())
+    h200 = next(g for name, g in GPU_CATALOG.items() if "H200" in name)
+    assert (h200["bandwidth_gbs"], h200["peak_tflops"]) == (4800.0, 989.0)
+
+
+def test_measured_from_run_reads_the_deploy_fields_and_needs_no_reference_job():
+    """A side-by-side ratio is enough speed: no reference job, no absolute decode time needed."""
+    from saten_core.roi import measured_from_run, missing_measurement
+
+    nan = float("nan")
+    run = {"id": 7, "bytes_before": 800, "bytes_after": 400, "model_bytes_before": 1000, "model_bytes_after": 590,
+           "decode_ms": nan, "decode_ms_original": None, "ppl": 15.3, "ppl_original": 15.0, "device": "cpu",
+           "dtype": "bfloat16", "resident_bytes": 700.0, "resident_bytes_original": 1100.0,
+           "peak_memory_bytes": 5000.0, "peak_memory_bytes_original": 6000.0, "decode_ratio": 0.9,
+           "decode_ratio_min": 0.8, "decode_ratio_max": 1.2, "ratio_reference": "float32", "ratio_rounds": 5.0,
+           "macs_per_token_before": 400.0, "macs_per_token_after": 150.0}
+    assert missing_measurement(run) is None
+    m = measured_from_run(run)
+    assert (m.bytes_original, m.bytes_compressed, m.changed_bytes_original) == (1000, 590, 800)
+    assert (m.resident_bytes_original, m.resident_bytes_compressed, m.peak_bytes_compressed) == (1100, 700, 5000)
+    assert (m.decode_ratio_min, m.ratio_reference, m.dtype, m.ratio_rounds) == (0.8, "float32", "bfloat16", 5)
+    assert m.decode_s_compressed is None and m.macs_compressed == 150.0
+    assert compute_roi_terms(RoiInputs(), m).short.speed == NO_DIFFERENCE
+    older = {**run, "dtype": nan, "resident_bytes": nan, "decode_ratio": nan, "ratio_reference": nan}
+    assert "decode_ms" in missing_measurement(older)
+    with pytest.raises(ValueError, match="decode_ratio_min"):
+        measured_from_run({**run, "decode_ratio_min": 0.95, "decode_ratio": 0.9})
+
+
+def test_reports_show_both_terms_their_formulas_and_the_free_cast():
+    from saten_core.report import to_html, to_markdown
+
+    terms = compute_roi_terms(RoiInputs(current_replicas=10), _deployed(dtype="float32", decode_ratio=1.02,
+                                                                         decode_ratio_min=0.97, decode_ratio_max=1.08))
+    md = to_markdown(_report_input(terms=terms))
+    short_at, mid_at = md.index("## Short term (measured today)"), md.index("## Mid term (projected, kernels")
+    assert short_at < mid_at
+    assert "Short term (measured today): Decision: NO-GO" in md and "Mid term (projected" in md
+    assert md.count("Decision: NO-GO") == 2 and md.count("Decision: GO") == 2  # summary + each section
+    assert "memory bandwidth (300 GB/s)" in md[mid_at:] and "resident bytes" in md[short_at:mid_at]
+    assert "halves the original's bytes for free" in md
+    page = to_html(_report_input(terms=terms))
+    assert "<h2>Short term (measured today)</h2>" in page and "Formulas" in page and "for free" in page

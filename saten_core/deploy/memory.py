@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def _preload_code(ref: str, dtype: str) -> None:
     from saten_core.checkpoint import is_compressed_dir
     from saten_core.models import load_config, resolve_ref
 
-    folder = ref if is_compressed_dir(ref) else resolve_ref(ref, dtype)[1]
+    folder = Path(ref) if is_compressed_dir(ref) else resolve_ref(ref, dtype)[1]
     config = load_config(folder)
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
         if type(config) in mapping:
