@@ -5,6 +5,7 @@ import streamlit as st
 
 from saten_core import charts
 from studio_ui import (
+    deploy_dtype,
     layer_names,
     layer_spectrum,
     library,
@@ -73,7 +74,7 @@ def scan(ref: str, layers: int) -> None:
             "cached on disk (several minutes for a 135 M model on a CPU; progress shows here and on Run).")
     if st.button("Compute all layers", key="spectrum_all", icon=":material/grid_on:"):
         try:
-            jobs.submit_spectrum(ref)
+            jobs.submit_spectrum(ref, dtype=deploy_dtype())
             jobs.ensure_worker()
         except (ValueError, OSError) as exc:
             show_error(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from saten_core.plan import Plan
@@ -135,7 +136,7 @@ def test_plan_slider_changes_predicted_bytes(tiny_llama_dir):
     after = metric(at, "Predicted bytes")
     assert before != after
     assert metric(at, "Kept") in ("50.0%", "49.9%", "49.8%")
-    assert metric(at, "Bytes before") == "288.00 KiB"
+    assert metric(at, "Bytes before") == "144.00 KiB"  # at the bf16 deploy dtype (fp32: 288 KiB)
 
 
 def test_plan_whole_model_size_target(tiny_llama_dir, no_spawn):
@@ -143,7 +144,7 @@ def test_plan_whole_model_size_target(tiny_llama_dir, no_spawn):
     from saten_core.models import load_model
     from saten_core.plan import model_byte_bounds
 
-    fixed, dense = model_byte_bounds(load_model(str(tiny_llama_dir)).model)
+    fixed, dense = model_byte_bounds(load_model(str(tiny_llama_dir), dtype=torch.bfloat16).model)
     target_mib = round((fixed + 0.6 * (dense - fixed)) / 2**20, 2)
     at = page("app_pages/spectrum.py", model=str(tiny_llama_dir))
     if any(b.key == "spectrum_all" for b in at.button):

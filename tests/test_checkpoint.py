@@ -27,11 +27,16 @@ from saten_core.models import load_model
 from saten_core.pipeline import compress_to_dir, held_out_text, text_fingerprint
 from saten_core.plan import Override, Plan
 
+
+def fp32_plan(**fields) -> Plan:
+    """These tests compress fp32 models in memory and check bytes as stored, so their plans count at fp32."""
+    return Plan(dtype="float32", **fields)
+
 PLANS = [
-    Plan(dtype="float32", method="saten", target_ratio=0.7),
-    Plan(dtype="float32", method="saten", structure="2:4", target_ratio=0.95, overrides=[Override("*o_proj", skip=True)]),
-    Plan(dtype="float32", method="prune", density=0.2),
-    Plan(dtype="float32", method="tt", eps=0.4),
+    fp32_plan(method="saten", target_ratio=0.7),
+    fp32_plan(method="saten", structure="2:4", target_ratio=0.95, overrides=[Override("*o_proj", skip=True)]),
+    fp32_plan(method="prune", density=0.2),
+    fp32_plan(method="tt", eps=0.4),
 ]
 
 
@@ -101,19 +106,19 @@ def test_export_dense_loads_with_from_pretrained(tiny_llama_dir, tmp_path):
 
 def test_failed_save_leaves_no_dir(tiny_llama_dir, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_llama_dir))
-    report = compress_(loaded.model, Plan(dtype="float32", method="svd", rank=4))
+    report = compress_(loaded.model, fp32_plan(method="svd", rank=4))
 
     def broken(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(loaded.tokenizer, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_compressed(loaded, Plan(dtype="float32", method="svd", rank=4), report, tmp_path / "dir")
+        save_compressed(loaded, fp32_plan(method="svd", rank=4), report, tmp_path / "dir")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_any_dispatches(tiny_llama_dir, tmp_path):
-    _, _, out = compressed_copy(tiny_llama_dir, tmp_path, Plan(dtype="float32", method="svd", rank=4))
+    _, _, out = compressed_copy(tiny_llama_dir, tmp_path, fp32_plan(method="svd", rank=4))
     assert any(isinstance(m, SatenLinear) for m in load_any(str(out)).model.modules())
     assert not any(isinstance(m, SatenLinear) for m in load_any(str(tiny_llama_dir)).model.modules())
     with pytest.raises(ValueError, match="not a compressed"):
@@ -121,7 +126,7 @@ def test_load_any_dispatches(tiny_llama_dir, tmp_path):
 
 
 def test_encoder_round_trip_counts_biases(tiny_bert_dir, tmp_path):
-    plan = Plan(dtype="float32", method="saten", target_ratio=0.6)
+    plan = fp32_plan(method="saten", target_ratio=0.6)
     loaded, report, out = compressed_copy(tiny_bert_dir, tmp_path, plan)
     ids = torch.randint(0, 1000, (2, 9))
     again = load_compressed(out)
@@ -134,7 +139,7 @@ def test_encoder_round_trip_counts_biases(tiny_bert_dir, tmp_path):
 
 def test_compress_to_dir_with_evaluation(tiny_llama_dir, tmp_path):
     stages = []
-    report = compress_to_dir(str(tiny_llama_dir), Plan(dtype="float32", method="saten", target_ratio=0.8), tmp_path / "dir",
+    report = compress_to_dir(str(tiny_llama_dir), fp32_plan(method="saten", target_ratio=0.8), tmp_path / "dir",
                              device="cpu", progress=lambda s, f, m: stages.append(s), evaluate=True, tokens=256)
     ev = report["eval"]
     assert ev["tokens"] == 256 and ev["ppl"] > 1 and ev["ppl_original"] > 1
@@ -143,13 +148,13 @@ def test_compress_to_dir_with_evaluation(tiny_llama_dir, tmp_path):
     assert {"load", "compress", "evaluate", "save"} <= set(stages)
     assert json.loads((tmp_path / "dir" / "report.json").read_text())["eval"]["kl"] == ev["kl"]
     with pytest.raises(ValueError, match="not empty"):
-        compress_to_dir(str(tiny_llama_dir), Plan(dtype="float32", method="svd", rank=2), tmp_path / "dir", device="cpu")
+        compress_to_dir(str(tiny_llama_dir), fp32_plan(method="svd", rank=2), tmp_path / "dir", device="cpu")
 
 
 def test_evaluate_ref_names_a_missing_original(tiny_llama_dir, tmp_path):
     from saten_core.pipeline import evaluate_ref
 
-    _, report, out = compressed_copy(tiny_llama_dir, tmp_path, Plan(dtype="float32", method="svd", rank=4))
+    _, report, out = compressed_copy(tiny_llama_dir, tmp_path, fp32_plan(method="svd", rank=4))
     assert Path(report["source_ref"]).is_absolute()
     with pytest.raises(ValueError, match="original model .* cannot be loaded"):
         evaluate_ref(str(out), tokens=128, device="cpu")

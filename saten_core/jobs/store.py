@@ -420,16 +420,18 @@ def _plan_ratio(model_ref: str, plan: Any, model: Any) -> float:
     return budget_ratio(model, plan)
 
 
-def submit_spectrum(model_ref: str, *, device: str = "auto") -> int:
+def submit_spectrum(model_ref: str, *, device: str = "auto", dtype: str | None = None) -> int:
     """Queue the all-layer spectrum scan of a model (minutes on a CPU); the worker fills the disk cache.
 
     It is a job, not a call in the dashboard process, so it shows progress, can be cancelled and survives the page.
-    The row carries a plan that changes nothing (the table needs one); `Job.task` says "spectrum".
+    The row carries a plan that changes nothing (the table needs one) whose dtype is the one the weights are
+    scanned at (the spectra cache is keyed by the weights, so it must be the dtype the pages load); `Job.task`
+    says "spectrum".
     """
     from saten_core.plan import reference_plan
 
     settings = {"task": "spectrum", "evaluate": False, "tokens": None}
-    return insert_job(check_model_ref(model_ref), reference_plan().to_json(), eval_settings=settings,
+    return insert_job(check_model_ref(model_ref), reference_plan(dtype).to_json(), eval_settings=settings,
                       device=check_device(device))
 
 

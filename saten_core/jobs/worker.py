@@ -184,7 +184,10 @@ def _run_spectrum(run: JobRun) -> dict[str, Any]:
     device = resolve_device(run.job.device_requested)
     store.update_running(run.job.id, run.pid, device_used=device)
     run.progress("load", 0.0, f"loading {run.job.model_ref}")
-    data = model_spectra(load_model(run.job.model_ref).model, device=device, progress=run.progress)
+    from saten_core.plan import Plan
+
+    dtype = Plan.from_json(run.job.plan_json).torch_dtype()  # the dtype the pages load the weights at
+    data = model_spectra(load_model(run.job.model_ref, dtype=dtype).model, device=device, progress=run.progress)
     summary = {"task": "spectrum", "fingerprint": data["fingerprint"], "layers": len(data["layers"]),
                "cached": data["cached"], "seconds": data.get("seconds")}
     return {"result_json": json.dumps(summary), "stage": "done", "fraction": 1.0, "eta_seconds": 0.0,
