@@ -23,15 +23,19 @@ import torch
 from saten_core.allocate import allocate_plan
 from saten_core.deploy.memory import measure_process
 from saten_core.models import load_model, parameter_bytes, working_precision
-from saten_core.pipeline import compress_to_dir, evaluate_model
+from saten_core.pipeline import compress_to_dir, evaluate_model, evaluate_ref
 from saten_core.plan import Plan
 
 MODEL = "smollm2-135m"
 ROWS = [("saten-aw", 0.8, True), ("saten-aw", 0.5, True), ("wanda", 0.5, False)]
+KEYS = ("resident_bytes", "resident_bytes_original", "peak_memory_bytes", "peak_memory_bytes_original",
+        "memory_growth_bytes", "memory_growth_bytes_original", "decode_ratio", "decode_ratio_min",
+        "decode_ratio_max", "prefill_ratio", "prefill_ratio_min", "prefill_ratio_max", "ratio_reference",
+        "ppl", "ppl_original")
 
 
 def original_row(dtype: str, tokens: int) -> dict:
-    """The dense original at `dtype`: stored bytes, ppl (fp32 compute on CPU), memory in a fresh process."""
+    """The dense original at `dtype`: stored bytes, ppl, memory in a fresh process."""
     loaded = load_model(MODEL, dtype=getattr(torch, dtype))
     with working_precision(loaded.model):
         ppl = evaluate_model(loaded, tokens=tokens)["ppl"]
@@ -43,20 +47,24 @@ def original_row(dtype: str, tokens: int) -> dict:
             "ppl": ppl}
 
 
-def compressed_row(method: str, ratio: float, allocate: bool, tokens: int) -> dict:
+def compressed_rows(method: str, ratio: float, allocate: bool, tokens: int) -> list[dict]:
+    """The compact (default) row; for saten-aw 50% also the same folder evaluated with --materialize."""
     plan = Plan(method=method, target_ratio=ratio, calib="default")
     if allocate:
         plan = allocate_plan(load_model(MODEL, dtype=torch.bfloat16), plan)
+    name = f"{method} {ratio:.0%}" + (" allocated" if allocate else "")
     with tempfile.TemporaryDirectory() as tmp:
         rep = compress_to_dir(MODEL, plan, Path(tmp) / "m", device="cpu", evaluate=True, tokens=tokens)
-    ev, tot = rep["eval"], rep["totals"]
-    keys = ("resident_bytes", "resident_bytes_original", "peak_memory_bytes", "peak_memory_bytes_original",
-            "memory_growth_bytes", "memory_growth_bytes_original", "decode_ratio", "decode_ratio_min",
-            "decode_ratio_max", "prefill_ratio", "prefill_ratio_min", "prefill_ratio_max", "ratio_reference",
-            "ppl", "ppl_original")
-    return {"row": f"{method} {ratio:.0%}" + (" allocated" if allocate else ""), "stored_bytes": tot["file_bytes"],
-            "block_ratio": tot["ratio"], **{k: ev.get(k) for k in keys},
-            "side_by_side": ev["latency"]["side_by_side"]}
+        rows = [_row(name, rep["totals"], rep["eval"])]
+        if (method, ratio) == ("saten-aw", 0.5):
+            ev = evaluate_ref(str(Path(tmp) / "m"), tokens=tokens, device="cpu", latency=True, materialize=True)
+            rows.append(_row(name + " --materialize", rep["totals"], ev))
+    return rows
+
+
+def _row(name: str, tot: dict, ev: dict) -> dict:
+    return {"row": name, "stored_bytes": tot["file_bytes"], "block_ratio": tot["ratio"],
+            **{k: ev.get(k) for k in KEYS}, "side_by_side": ev["latency"]["side_by_side"]}
 
 
 def mib(n: float | None) -> str:
@@ -93,13 +101,14 @@ def main() -> None:
         name = f"original {what}" if kind == "original" else f"{what[0]} {what[1]:.0%}" + (" allocated" * what[2])
         if name in have:
             continue
-        row = original_row(what, args.tokens) if kind == "original" else compressed_row(*what, args.tokens)
-        row.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=platform.processor() or
-                   platform.machine(), threads=torch.get_num_threads(), tokens=args.tokens)
-        done.append(row)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: v for k, v in row.items() if k != "side_by_side"}), flush=True)
+        rows = [original_row(what, args.tokens)] if kind == "original" else compressed_rows(*what, args.tokens)
+        for row in rows:
+            row.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=platform.processor() or
+                       platform.machine(), threads=torch.get_num_threads(), tokens=args.tokens)
+            done.append(row)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k != "side_by_side"}), flush=True)
     print(table(done))
 
 

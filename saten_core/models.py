@@ -307,15 +307,19 @@ def to_working_precision(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def working_precision(*models: nn.Module) -> Iterator[None]:
-    """Compute quality measurements of 16-bit CPU models in fp32, then restore each model's dtype (lossless).
+    """Compute quality measurements of 16-bit CPU models in fp32 where the CPU has no native 16-bit matmul, then
+    restore each model's dtype (lossless).
 
-    Why: the weights are the deployed ones either way, and this CPU's 16-bit matmuls are 2-4x slower at the
-    512-token windows perplexity uses; speed and memory are measured at the deploy dtype, never inside this.
+    Why: the weights are the deployed ones either way, and without native units torch's 16-bit matmuls are 2-4x
+    slower at the 512-token windows perplexity uses; speed and memory are measured at the deploy dtype, never
+    inside this.
     """
+    from saten_core.deploy.dtype import compute_dtype
+
     restore = []
     for m in models:
         p = next(m.parameters())
-        if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
+        if compute_dtype(p.dtype, p.device) != p.dtype:
             restore.append((m, p.dtype))
             m.float()
     try:

@@ -56,7 +56,7 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     if evaluate:
         reference.model.to(deploy)
         _report(progress, "evaluate", 0.0, "measuring the compressed model against the original")
-        extra["eval"] = evaluate_deployed(reference, loaded, plan, text=text, tokens=tokens)
+        extra["eval"] = evaluate_deployed(reference, loaded, plan, text=text, tokens=tokens, changed=bool(layers))
         del reference, teacher
     _report(progress, "save", 0.0, f"writing {out_dir}")
     report = build_report(loaded, layers, **extra)
@@ -66,14 +66,20 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     report = save_compressed(loaded, plan, report, out_dir)
     if evaluate:
         del loaded
-        report = add_memory(report, out_dir, model_ref, dev, progress)
+        report = add_memory(report, out_dir, model_ref, dev, progress, changed=bool(layers))
     _report(progress, "save", 1.0, f"saved {out_dir}")
     return report
 
 
-def evaluate_deployed(reference: Any, candidate: Any, plan: Plan, *, text: str | None, tokens: int) -> dict:
-    """Quality against the original (computed in fp32 on CPU) and, for decoders, side-by-side speed."""
+def evaluate_deployed(reference: Any, candidate: Any, plan: Plan, *, text: str | None, tokens: int,
+                      changed: bool = True) -> dict:
+    """Quality against the original (fp32 on a CPU without native 16-bit units) and, for decoders, side-by-side speed.
+
+    A run that changed no layer (the reference job) is the original itself: it is timed alone, for the absolute
+    figures, since a side-by-side ratio against itself says nothing.
+    """
     from saten_core.checkpoint import set_materialized
+    from saten_core.evaluate import latency
     from saten_core.models import working_precision
 
     set_materialized(candidate.model, plan.materialize)
@@ -81,7 +87,8 @@ def evaluate_deployed(reference: Any, candidate: Any, plan: Plan, *, text: str |
         out = evaluate_pair(reference, candidate, text=text, tokens=tokens)
     out.update(dtype=plan.dtype, materialized=plan.materialize)
     if candidate.kind == "decoder":
-        out.update(speed_against(candidate, reference))
+        out.update(speed_against(candidate, reference) if changed else
+                   {"latency": latency(candidate.model, candidate.tokenizer)})
     return out
 
 
@@ -115,16 +122,19 @@ def _per_s(ms: float | None) -> float | None:
 
 
 def add_memory(report: dict, out_dir: str | Path, model_ref: str, device: str,
-               progress: Progress | None = None) -> dict:
-    """Measure both models' memory in fresh processes and record it in the saved report (rewritten atomically)."""
+               progress: Progress | None = None, changed: bool = True) -> dict:
+    """Measure both models' memory in fresh processes and record it in the saved report (rewritten atomically).
+
+    A run that changed no layer is the original: it is measured once (fields without the `_original` suffix).
+    """
     import json
 
     from saten_core.checkpoint import REPORT
     from saten_core.files import atomic_write_text
 
     _report(progress, "memory", 0.0, "measuring process memory of both models in fresh processes")
-    report["eval"].update(memory_fields(str(out_dir), model_ref, report["totals"]["dtype"], device,
-                                        report["eval"].get("materialized", False)))
+    report["eval"].update(memory_fields(str(out_dir) if changed else None, model_ref, report["totals"]["dtype"],
+                                        device, report["eval"].get("materialized", False)))
     atomic_write_text(Path(out_dir) / REPORT, json.dumps(report, indent=2))
     return report
 

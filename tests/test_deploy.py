@@ -190,3 +190,24 @@ def test_plan_cli_writes_the_dtype(tiny_llama_dir, tmp_path):
     assert got["plan"]["dtype"] == "float16"
     first = got["layers"][0]
     assert first["bytes_before"] == first["shape"][0] * first["shape"][1] * 2
+
+
+@pytest.mark.slow
+def test_smollm2_at_half_its_bf16_bytes_is_resident_compactly(tmp_path):
+    """Issue 15's bound on the embedded model: resident bytes (an exact count) <= 1.1x the checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    from saten_core.checkpoint import load_compressed, read_report
+    from saten_core.evaluate import forward_once
+    from saten_core.pipeline import compress_to_dir
+
+    out = tmp_path / "s50"
+    compress_to_dir("smollm2-135m", Plan(method="saten", target_ratio=0.5), out, device="cpu")
+    totals = read_report(out)["totals"]
+    assert totals["dtype"] == "bfloat16" and totals["bytes_after"] <= 0.5 * totals["bytes_before"]
+    assert totals["bytes_before"] == 2 * totals["params_before"]  # every block linear counted at 2 bytes
+    stored = sum(t.numel() * t.element_size() for t in load_file(str(out / "model.safetensors")).values())
+    loaded = load_compressed(out)
+    forward_once(loaded, 512)
+    assert resident_bytes(loaded.model) <= 1.1 * stored
+    assert all(_no_dense_tensor_of(m) for m in loaded.model.modules() if isinstance(m, SatenLinear))

@@ -5,7 +5,13 @@ Why: LLMs are served in 16 bits, so a ratio against fp32 bytes claims half of it
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
+
+# CPU flags that give torch native 16-bit matmul kernels (oneDNN); without them it emulates and is slower
+NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_DTYPE = "bfloat16"
@@ -35,13 +41,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype a layer computes in: on CPU 16-bit weights are upcast to fp32 for the call.
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[-1].split())
 
-    Why: this CPU (AVX2/FMA/F16C, no bf16 units) runs torch's bf16/fp16 matmul 2-4x slower than fp32 once
-    compute-bound (docs/benchmarks/maths.md); the upcast copy lives only inside one layer's call, so stored and
-    resident bytes stay at the deploy dtype. CUDA computes in the stored dtype.
+
+def cpu_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native matmul units for a 16-bit dtype (fp32 always counts as native)."""
+    return dtype not in NATIVE_FLAGS or any(f in _cpu_flags() for f in NATIVE_FLAGS[dtype])
+
+
+def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a layer computes in: on a CPU without native units for a 16-bit dtype, fp32 for the call.
+
+    Why: measured 2026-12-01, F.linear 576x1536 at 128 tokens: on a CPU without avx512_bf16 torch's bf16 path is
+    2-4x slower than fp32; on one with it (the same box type, another draw) bf16 was 2.2x faster (550 vs 1265 us).
+    The upcast copy lives only inside one layer's call, so stored and resident bytes stay at the deploy dtype.
+    CUDA computes in the stored dtype.
     """
-    if torch.device(device).type == "cpu" and storage in (torch.bfloat16, torch.float16):
+    if torch.device(device).type == "cpu" and not cpu_native(storage):
         return torch.float32
     return storage

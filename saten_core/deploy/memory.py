@@ -68,7 +68,15 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    """This process's peak RSS: VmHWM, which exec resets (ru_maxrss keeps the parent's peak across exec on Linux,
+    so a child started by a big process would report the parent's memory)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # no /proc: KiB, may include the parent
 
 
 def _preload_code(ref: str, dtype: str) -> None:
