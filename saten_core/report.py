@@ -86,8 +86,9 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def _markdown_term(roi: RoiResult) -> list[str]:
     """One term's section: decision, headline, cost table, the formulas with their numbers, its assumptions."""
+    table = markdown_table(pd.DataFrame(roi_table(roi), dtype=object))
     return [f"## {roi.term}", f"**{decision_line(roi)}**", *[f"- {line}" for line in headline(roi)],
-            markdown_table(pd.DataFrame(roi_table(roi), dtype=object)), "Formulas:", *[f"- {f}" for f in roi.formulas],
+            "Cost comparison:", table, "Formulas:", *[f"- {f}" for f in roi.formulas],
             "Assumptions of this term:", *[f"- {a}" for a in roi.assumptions]]
 
 
@@ -126,7 +127,8 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
 def _html_term(roi: RoiResult) -> list[str]:
     """One term's section, as in the Markdown report."""
     return [f"<h2>{html.escape(roi.term)}</h2>", f"<p><b>{html.escape(decision_line(roi))}</b></p>",
-            _html_list(headline(roi)), _html_table(pd.DataFrame(roi_table(roi), dtype=object)),
+            _html_list(headline(roi)), "<h3>Cost comparison</h3>",
+            _html_table(pd.DataFrame(roi_table(roi), dtype=object)),
             "<h3>Formulas</h3>", _html_list(roi.formulas), "<h3>Assumptions of this term</h3>",
             _html_list(roi.assumptions)]
 

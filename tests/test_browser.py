@@ -230,6 +230,7 @@ def test_manager_demo_path_end_to_end(server, browser_page):
     info.value.save_as(report)
     text = report.read_text()
     assert "Cost comparison" in text and "Assumptions" in text and "smollm2-135m" in text
+    assert "Short term (measured today)" in text and "Mid term (projected" in text
 
 
 def wait_for_jobs(ids: list[int]) -> None:

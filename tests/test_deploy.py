@@ -71,10 +71,17 @@ def test_resident_bytes_counts_shared_storage_once():
     assert resident_bytes(nn.ModuleList([emb, head])) == 10 * 4 * 4
 
 
-def test_bf16_layer_computes_in_fp32_on_cpu_and_stores_bf16(linear):
+def test_bf16_computes_in_fp32_only_on_a_cpu_without_bf16_units(linear, monkeypatch):
+    from saten_core.deploy import dtype as deploy_dtype
+
     layer = SatenLinear.from_linear(linear.to(torch.bfloat16), LayerSpec(rank=8, density=0.2))
     linear.float()
+    monkeypatch.setattr(deploy_dtype, "_cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     assert compute_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert compute_dtype(torch.float16, "cpu") == torch.float32
+    monkeypatch.setattr(deploy_dtype, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert compute_dtype(torch.float16, "cpu") == torch.float32
     assert compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
     assert {t.dtype for t in layer.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
 

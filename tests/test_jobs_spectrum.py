@@ -22,7 +22,10 @@ def test_spectrum_job_fills_the_cache_and_stays_out_of_compression_runs(tiny_lla
     job = jobs.get_job(job_id)
     assert job.status == "succeeded", job.error
     assert job.result["layers"] == 14 and job.result["cached"] is False and job.artifact_dir is None
-    fingerprint = weights_fingerprint(linear_layers(load_model(str(tiny_llama_dir)).model), extra="order=2")
+    import torch
+
+    deployed = load_model(str(tiny_llama_dir), dtype=torch.bfloat16).model  # the job scans at the deploy dtype
+    fingerprint = weights_fingerprint(linear_layers(deployed), extra="order=2")
     assert job.result["fingerprint"] == fingerprint and load_cached(fingerprint) is not None
     assert "[load]" in jobs.read_log(job_id)
 
