@@ -364,6 +364,23 @@ def test_cli_submit_list_show_cancel(tiny_llama_dir: Path, job_home: Path, tmp_p
     assert store.get_job(job_id).status == "cancelled"
 
 
+def test_cli_submit_dtype_and_materialize_land_in_the_stored_plan(tiny_llama_dir: Path, job_home: Path,
+                                                                  tmp_path: Path):
+    """--dtype / --materialize rewrite the plan the job stores (the job stores exactly that JSON)."""
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(PLAN)
+    out = cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(plan_file), "--eval", "--reference",
+              "--dtype", "float16", "--materialize", "--json", home=job_home)
+    assert out.returncode == 0, out.stderr
+    ids = json.loads(out.stdout)
+    stored = json.loads(store.get_job(ids["id"]).plan_json)
+    assert stored["dtype"] == "float16" and stored["materialize"] is True
+    assert json.loads(store.get_job(ids["reference_id"]).plan_json)["dtype"] == "float16"
+    bad = cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(plan_file), "--dtype", "int8",
+              home=job_home)
+    assert bad.returncode == 2 and "int8" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_cli_submit_with_reference_queues_the_original_once(tiny_llama_dir: Path, job_home: Path, tmp_path: Path):
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(PLAN)
