@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saten_core.deploy.dtype import DEFAULT_DTYPE, DTYPES
+from saten_core.deploy.flags import add_deploy_args
 from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, MASK_GROUPS
 from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
 
@@ -342,14 +343,6 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal-lr", type=positive_float, help="healing learning rate")
     p.add_argument("--heal-core-lr-scale", type=non_negative_float,
                    help="TT cores heal at the learning rate x this (default 1; 0 freezes them)")
-
-
-def add_deploy_args(p: argparse.ArgumentParser, default_note: str = "overrides the plan's dtype") -> None:
-    """--dtype and --materialize, shared by compress, eval and jobs submit."""
-    p.add_argument("--dtype", choices=DTYPES, default=None, help=f"deploy dtype ({default_note})")
-    p.add_argument("--materialize", action="store_true",
-                   help="opt-in: evaluate with each compressed layer's dense residual cached (faster on CPU, but "
-                   "more memory than the original); default: compact, nothing dense kept between calls")
 
 
 def add_run_parsers(sub) -> None:

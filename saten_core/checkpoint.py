@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saten_core.deploy.dtype import dtype_name, torch_dtype
 from saten_core.files import atomic_dir
 from saten_core.plan import Plan
 
@@ -29,7 +30,7 @@ def build_report(loaded: Any, layers: list[dict], **extra: Any) -> dict:
     from saten_core.compress import totals
 
     report = {"source_ref": source_ref(loaded.ref), "name": loaded.name, "kind": loaded.kind,
-              "dtype": str(getattr(loaded, "dtype", torch.float32)).removeprefix("torch."),
+              "dtype": dtype_name(getattr(loaded, "dtype", torch.float32)),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "layers": layers, "totals": totals(layers)}
     report.update(extra)
@@ -93,7 +94,7 @@ def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
         raise ValueError(f"not a compressed model folder (needs {REPORT} and {PLAN}): {folder}")
     report, dev = read_report(folder), resolve_device(device)
     config = load_config(folder)
-    dtype = _report_dtype(report)
+    dtype = report_dtype(report)
     model = _skeleton(config, report["kind"], dtype)
     _load_weights(model, report.get("layouts", {}), folder / WEIGHTS)
     model = model.to(dev).eval()
@@ -115,10 +116,8 @@ def _tie_embeddings(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def _report_dtype(report: dict) -> torch.dtype:
+def report_dtype(report: dict) -> torch.dtype:
     """The dtype the folder was saved at (reports before the deploy dtype were fp32)."""
-    from saten_core.deploy.dtype import torch_dtype
-
     return torch_dtype(report.get("dtype", "float32"))
 
 
@@ -168,7 +167,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def load_any(ref: str, device: str = "cpu", *, dtype: str | None = None, materialize: bool = False) -> Any:
     """A compressed DIR loads via load_compressed (at its saved dtype; `materialize` opts in to the dense-cache
     inference path); anything else (registry name, folder, hub id) via models at `dtype` (default float32)."""
-    from saten_core.deploy.dtype import torch_dtype
     from saten_core.models import load_model
 
     if is_compressed_dir(ref):

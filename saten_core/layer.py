@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from saten_core.deploy.dtype import bytes_at, compute_dtype, dtype_name
 from saten_core.sparse import (
     mask_bytes,
     nm_mask,
@@ -58,10 +59,6 @@ def kept_entries(in_features: int, out_features: int, spec: LayerSpec) -> int:
     if spec.group == "row":
         return out_features * round(spec.density * in_features)
     return round(spec.density * numel)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def predict_bytes(in_features: int, out_features: int, spec: LayerSpec, dtype: torch.dtype) -> int | None:
@@ -225,7 +222,7 @@ class SatenLinear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "spec": self.spec.to_dict(),
                 "modes": list(self.modes), "n_in_modes": self.n_in_modes, "ranks": list(self.ranks),
                 "nnz": int(self.values.numel()), "mask_format": self.mask_format, "bias": self.bias is not None,
-                "dtype": _dtype_name(self.values.dtype)}
+                "dtype": dtype_name(self.values.dtype)}
 
     @classmethod
     def from_layout(cls, layout: dict, *, device=None) -> SatenLinear:
@@ -243,10 +240,7 @@ class SatenLinear(nn.Module):
 
         With `dtype`, floating-point tensors count at that dtype (a layer fitted in fp32, served in bf16).
         """
-        def size(t: Tensor) -> int:
-            return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
-
-        return sum(size(t) for name, t in self.state_dict().items() if name != "bias")
+        return sum(bytes_at(t, dtype) for name, t in self.state_dict().items() if name != "bias")
 
     def param_count(self) -> int:
         """Trainable numbers of the compressed weight: core sizes + kept values (bias excluded)."""
@@ -335,7 +329,7 @@ class SatenLinear(nn.Module):
             self._cache = keep | {"key": key, "ops": {}, "ab": None}
         with torch.no_grad():
             if self._cache["ab"] is None and len(self.cores):
-                self._cache["ab"] = self._factor_pair()
+                self._cache["ab"] = self._cached_pair()
             ops = self._cache["ops"]
             if path not in ops:
                 ops[path] = self._sparse_operand(path) if self.values.numel() else None
@@ -384,8 +378,6 @@ class SatenLinear(nn.Module):
 
     def _compact_forward(self, x2d: Tensor) -> Tensor | None:
         """Reference inference path: the dense residual lives only inside this call (upcast on CPU)."""
-        from saten_core.deploy.dtype import compute_dtype
-
         cdt = compute_dtype(self.values.dtype, x2d.device)
         xc, y = x2d.to(cdt), None
         if len(self.cores):

@@ -285,7 +285,9 @@ def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.floa
     from transformers import AutoModel, AutoModelForCausalLM
 
     dev = resolve_device(device)
-    name, folder = resolve_ref(ref, str(dtype).removeprefix("torch."))
+    from saten_core.deploy.dtype import dtype_name
+
+    name, folder = resolve_ref(ref, dtype_name(dtype))
     config = load_config(folder)
     check_weights(folder)
     kind = REGISTRY[ref].kind if ref in REGISTRY else config_kind(config)
@@ -430,11 +432,9 @@ def parameter_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     loaded in fp32 and served in bf16). Used with a run's per-layer totals to give whole-model sizes, since a
     plan may change only some layers.
     """
-    def size(p: torch.Tensor) -> int:
-        elem = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
-        return p.numel() * elem
+    from saten_core.deploy.dtype import bytes_at
 
-    return int(sum(size(p) for p in model.parameters()))
+    return int(sum(bytes_at(p, dtype) for p in model.parameters()))
 
 
 def whole_model_bytes(whole_before: int, layers_before: int, layers_after: int) -> int:

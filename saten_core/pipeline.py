@@ -56,7 +56,8 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     if evaluate:
         reference.model.to(deploy)
         _report(progress, "evaluate", 0.0, "measuring the compressed model against the original")
-        extra["eval"] = evaluate_deployed(reference, loaded, plan, text=text, tokens=tokens, changed=bool(layers))
+        extra["eval"] = evaluate_deployed(reference, loaded, dtype=plan.dtype, materialize=plan.materialize,
+                                          text=text, tokens=tokens, timing="side-by-side" if layers else "alone")
         del reference, teacher
     _report(progress, "save", 0.0, f"writing {out_dir}")
     report = build_report(loaded, layers, **extra)
@@ -71,24 +72,26 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     return report
 
 
-def evaluate_deployed(reference: Any, candidate: Any, plan: Plan, *, text: str | None, tokens: int,
-                      changed: bool = True) -> dict:
-    """Quality against the original (fp32 on a CPU without native 16-bit units) and, for decoders, side-by-side speed.
+def evaluate_deployed(reference: Any, candidate: Any, *, dtype: str, materialize: bool, text: str | None,
+                      tokens: int, timing: str | None = "side-by-side") -> dict:
+    """Quality against the original (fp32 on a CPU without native 16-bit units) and, for decoders, speed.
 
-    A run that changed no layer (the reference job) is the original itself: it is timed alone, for the absolute
-    figures, since a side-by-side ratio against itself says nothing.
+    timing: "side-by-side" (the candidate against its original in this process), "alone" (a run that changed no
+    layer, the reference job: it is the original itself, timed for the absolute figures, since a ratio against
+    itself says nothing) or None (not timed).
     """
     from saten_core.checkpoint import set_materialized
     from saten_core.evaluate import latency
     from saten_core.models import working_precision
 
-    set_materialized(candidate.model, plan.materialize)
+    set_materialized(candidate.model, materialize)
     with working_precision(reference.model, candidate.model):
         out = evaluate_pair(reference, candidate, text=text, tokens=tokens)
-    out.update(dtype=plan.dtype, materialized=plan.materialize)
-    if candidate.kind == "decoder":
-        out.update(speed_against(candidate, reference) if changed else
-                   {"latency": latency(candidate.model, candidate.tokenizer)})
+    out.update(dtype=dtype, materialized=materialize)
+    if candidate.kind == "decoder" and timing == "side-by-side":
+        out.update(speed_against(candidate, reference))
+    elif candidate.kind == "decoder" and timing == "alone":
+        out["latency"] = latency(candidate.model, candidate.tokenizer)
     return out
 
 
@@ -148,9 +151,8 @@ def memory_fields(compressed_ref: str | None, original_ref: str, dtype: str, dev
     from saten_core.deploy.memory import measure_process
 
     out: dict[str, Any] = {}
-    pairs = [(original_ref, "_original" if compressed_ref else "", False)]
-    if compressed_ref:
-        pairs.insert(0, (compressed_ref, "", materialize))
+    pairs = ([(compressed_ref, "", materialize), (original_ref, "_original", False)] if compressed_ref
+             else [(original_ref, "", False)])
     for ref, suffix, mat in pairs:
         got = measure_process(ref, dtype=dtype, device=device, materialize=mat)
         for key in ("resident_bytes", "peak_memory_bytes", "memory_growth_bytes"):
@@ -232,14 +234,13 @@ def evaluate_pair(reference: Any, candidate: Any, *, text: str | None = None, to
 
 def load_original(folder: str | Path, device: str) -> Any:
     """The model a compressed DIR was made from (named in its report), at the DIR's dtype, for KL / speed."""
-    from saten_core.checkpoint import read_report
-    from saten_core.deploy.dtype import torch_dtype
+    from saten_core.checkpoint import read_report, report_dtype
     from saten_core.models import load_model
 
     report = read_report(folder)
     original = report.get("source_ref")
     try:
-        return load_model(original, device=device, dtype=torch_dtype(report.get("dtype", "float32")))
+        return load_model(original, device=device, dtype=report_dtype(report))
     except (ValueError, OSError) as exc:
         raise ValueError(f"original model {original!r} of {folder} cannot be loaded for comparison: "
                          f"{' '.join(str(exc).split())}") from None
@@ -251,7 +252,7 @@ def evaluate_ref(ref: str, *, text: str | None = None, tokens: int = EVAL_TOKENS
     """Evaluate a model ref (at `dtype`, default bfloat16) or a compressed DIR (at its saved dtype; then also
     against the original named in its report: quality, resident and peak memory, side-by-side speed)."""
     from saten_core import evaluate
-    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed, set_materialized
+    from saten_core.checkpoint import WEIGHTS, is_compressed_dir, load_compressed
     from saten_core.deploy.dtype import DEFAULT_DTYPE, check_dtype, dtype_name, torch_dtype
     from saten_core.models import load_model, resolve_device, working_precision
 
@@ -270,19 +271,11 @@ def evaluate_ref(ref: str, *, text: str | None = None, tokens: int = EVAL_TOKENS
     if dtype is not None and check_dtype(dtype) != name:
         raise ValueError(f"--dtype {dtype} differs from the dtype {name} that {ref} was compressed and saved at")
     reference = load_original(ref, dev)
-    set_materialized(loaded.model, materialize)
-    with working_precision(reference.model, loaded.model):
-        out = evaluate_pair(reference, loaded, text=text, tokens=tokens)
-    out.update(dtype=name, materialized=materialize, file_bytes=evaluate.file_size(Path(ref) / WEIGHTS))
-    if latency and loaded.kind == "decoder":
-        out.update(speed_against(loaded, reference))
+    out = evaluate_deployed(reference, loaded, dtype=name, materialize=materialize, text=text, tokens=tokens,
+                            timing="side-by-side" if latency else None)
+    out["file_bytes"] = evaluate.file_size(Path(ref) / WEIGHTS)
+    original_ref = reference.ref
     del reference, loaded
     if memory:
-        out.update(memory_fields(ref, read_source_ref(ref), name, dev, materialize))
+        out.update(memory_fields(ref, original_ref, name, dev, materialize))
     return out | {"model": ref, "device": dev}
-
-
-def read_source_ref(folder: str | Path) -> str:
-    from saten_core.checkpoint import read_report
-
-    return read_report(folder)["source_ref"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from saten_core.deploy.dtype import ITEMSIZE
+
 HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
 GIB = 1024**3
 SHORT_TERM = "Short term (measured today)"
 MID_TERM = "Mid term (projected, kernels that read only the compressed bytes)"
 NO_DIFFERENCE = "no measurable difference"
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # bytes per element of each deploy dtype
 
 # Memory of common serving GPUs (GiB), a typical on-demand cloud price ($/hour), memory bandwidth (GB/s) and
 # dense fp16/bf16 tensor-core peak (TFLOP/s, no sparsity). Approximate datasheet figures: the price and both
@@ -117,8 +118,8 @@ class Measured:
             raise ValueError(f"decode_ratio_min {lo!r} is above decode_ratio {mid!r}")
         if mid is not None and hi is not None and hi < mid:
             raise ValueError(f"decode_ratio_max {hi!r} is below decode_ratio {mid!r}")
-        if self.dtype is not None and self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in ITEMSIZE:
+            raise ValueError(f"dtype must be one of {', '.join(ITEMSIZE)}, got {self.dtype!r}")
         if self.changed_bytes_original is not None and self.changed_bytes_original > self.bytes_original:
             raise ValueError(f"changed_bytes_original {self.changed_bytes_original} exceeds the whole model's "
                              f"bytes_original {self.bytes_original}")
@@ -126,7 +127,7 @@ class Measured:
     @property
     def bytes_per_element(self) -> int:
         """Bytes of one weight at the deploy dtype; runs without a dtype were stored in float32."""
-        return DTYPE_BYTES[self.dtype or "float32"]
+        return ITEMSIZE[self.dtype or "float32"]
 
     @property
     def ppl_ratio(self) -> float | None:
@@ -475,16 +476,15 @@ def measured_from_run(run: dict, model_bytes: int | None = None) -> Measured:
 
 def _deploy_measurements(run: dict) -> dict:
     """The optional Measured fields from a run row (their names in runs_frame differ where the row's are older)."""
-    names = {"resident_bytes_original": "resident_bytes_original", "resident_bytes_compressed": "resident_bytes",
-             "peak_bytes_original": "peak_memory_bytes_original", "peak_bytes_compressed": "peak_memory_bytes",
-             "ratio_rounds": "ratio_rounds", "changed_bytes_original": "bytes_before"}
-    out: dict = {field_: _int(run.get(column)) for field_, column in names.items()}
-    for field_, column in (("decode_ratio", "decode_ratio"), ("decode_ratio_min", "decode_ratio_min"),
-                           ("decode_ratio_max", "decode_ratio_max"), ("macs_original", "macs_per_token_before"),
-                           ("macs_compressed", "macs_per_token_after")):
-        out[field_] = _number(run.get(column))
-    out["dtype"] = None if is_missing(run.get("dtype")) else str(run["dtype"])
-    out["ratio_reference"] = None if is_missing(run.get("ratio_reference")) else str(run["ratio_reference"])
+    ints = {"resident_bytes_original": "resident_bytes_original", "resident_bytes_compressed": "resident_bytes",
+            "peak_bytes_original": "peak_memory_bytes_original", "peak_bytes_compressed": "peak_memory_bytes",
+            "ratio_rounds": "ratio_rounds", "changed_bytes_original": "bytes_before"}
+    floats = {"decode_ratio": "decode_ratio", "decode_ratio_min": "decode_ratio_min",
+              "decode_ratio_max": "decode_ratio_max", "macs_original": "macs_per_token_before",
+              "macs_compressed": "macs_per_token_after"}
+    out: dict = {field_: _int(run.get(column)) for field_, column in ints.items()}
+    out |= {field_: _number(run.get(column)) for field_, column in floats.items()}
+    out |= {name: None if is_missing(run.get(name)) else str(run[name]) for name in ("dtype", "ratio_reference")}
     return out
 
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the CLI and plan module start without it
+    import torch
 
 # CPU flags that give torch native 16-bit matmul kernels (oneDNN); without them it emulates and is slower
-NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+NATIVE_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
 
 DTYPES = ("bfloat16", "float16", "float32")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}  # bytes per element, for callers that do not import torch
 DEFAULT_DTYPE = "bfloat16"
 # Plans saved before the deploy dtype existed were compressed and counted at fp32; they keep that meaning.
 LEGACY_DTYPE = "float32"
@@ -33,6 +36,8 @@ def torch_dtype(name: str) -> torch.dtype:
         >>> torch_dtype("float16")
         torch.float16
     """
+    import torch
+
     return getattr(torch, check_dtype(name))
 
 
@@ -53,7 +58,15 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_native(dtype: torch.dtype) -> bool:
     """Whether this CPU has native matmul units for a 16-bit dtype (fp32 always counts as native)."""
-    return dtype not in NATIVE_FLAGS or any(f in _cpu_flags() for f in NATIVE_FLAGS[dtype])
+    name = dtype_name(dtype)
+    return name not in NATIVE_FLAGS or any(f in _cpu_flags() for f in NATIVE_FLAGS[name])
+
+
+def bytes_at(t: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """Bytes of `t` with its floating-point values counted at `dtype` (as stored when None; integer tensors such as
+    packed masks always as stored): what a tensor fitted in fp32 takes once served at the deploy dtype."""
+    elem = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+    return t.numel() * elem
 
 
 def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -64,6 +77,8 @@ def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dty
     The upcast copy lives only inside one layer's call, so stored and resident bytes stay at the deploy dtype.
     CUDA computes in the stored dtype.
     """
+    import torch
+
     if torch.device(device).type == "cpu" and not cpu_native(storage):
         return torch.float32
     return storage

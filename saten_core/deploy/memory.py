@@ -91,7 +91,7 @@ def _preload_code(ref: str, dtype: str) -> None:
     config = load_config(folder)
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
         if type(config) in mapping:
-            mapping[type(config)]
+            mapping[type(config)]  # the lazy mapping imports the architecture's module on lookup
     AutoTokenizer.from_pretrained(folder)
 
 

@@ -98,7 +98,6 @@ def side_by_side(compressed: nn.Module, originals: dict[str, nn.Module], tokeniz
     from saten_core.evaluate import _check_latency_args, _prompt, model_device
 
     models = {"compressed": compressed, **originals}
-    _check(rounds, models)
     _check_latency_args(compressed, prefill_tokens, decode_tokens, 1)
     devices = {str(model_device(m)) for m in models.values()}
     if len(devices) != 1:

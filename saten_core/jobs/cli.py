@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from saten_core.deploy.flags import add_deploy_args
 from saten_core.jobs import store, worker
 
 SUMMARY_COLUMNS = ("id", "status", "model_ref", "stage", "fraction", "device_used", "ppl", "bytes_after", "error")
@@ -31,8 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "plan's byte budget, same layers, calibration text and healing (a plan without a target ratio is "
                    "measured on the model); exit 2 when one of them cannot run")
     p.add_argument("--json", action="store_true", help='print {"id": ..., "reference_id": ..., "compare": ...}')
-    from saten_core.__main__ import add_deploy_args
-
     add_deploy_args(p)
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
