@@ -106,6 +106,11 @@ def _pack_bits(bits: Tensor) -> Tensor:
     return (padded * weights).sum(1, dtype=torch.uint8)
 
 
+def pack_bitmask(mask: Tensor) -> Tensor:
+    """A boolean mask of any shape as the packed bitmask (row-major, 8 entries per byte, little-endian)."""
+    return _pack_bits(mask)
+
+
 def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     return ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel].bool()

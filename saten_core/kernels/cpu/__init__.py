@@ -1,0 +1,105 @@
+"""The compiled CPU kernels (saten_cpu.cpp): built once per machine with torch.utils.cpp_extension, then cached.
+
+`extension()` returns the loaded module, or None where it cannot be built (no compiler, no ninja, not x86 is
+fine: the scalar loop compiles anywhere); callers then use the reference path, and a warning says so once.
+The build key is the source hash and the torch version, so an edited kernel rebuilds and a stale one never loads.
+The setup script builds it (`python -m saten_core build-kernels`), so tests and jobs never pay the ~1 min build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("saten_cpu.cpp")
+FLAGS = ["-O3", "-fopenmp"]  # instruction sets are chosen per function at run time (target attributes)
+
+
+def build_dir() -> Path:
+    """$SATEN_KERNEL_CACHE, default saten_home()/kernels/<torch version>-<source hash>."""
+    import torch
+
+    from saten_core.files import saten_home
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    env = os.environ.get("SATEN_KERNEL_CACHE")
+    root = Path(env).expanduser() if env else saten_home() / "kernels"
+    return root / f"torch{torch.__version__.replace('+', '_')}-{key}"
+
+
+@lru_cache(maxsize=1)
+def extension() -> ModuleType | None:
+    """The compiled module (built on first use when the cache is empty), or None with one warning."""
+    try:
+        return _build(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means "use the reference path", said once
+        warnings.warn(f"compiled CPU kernels unavailable ({type(err).__name__}: {str(err)[:200]}); "
+                      "using the pure-torch reference path (correct, slower)", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _build(verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "saten_cpu_" + folder.name.rsplit("-", 1)[1]
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(folder), verbose=verbose)
+
+
+def build(verbose: bool = True) -> str:
+    """Build (or find) the extension now; returns the instruction set it will use. Raises on failure."""
+    return _build(verbose).best_isa()
+
+
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+SCRATCH_BYTES = 4 << 20  # prefill expands at most this much of S at a time (a few rows of a large layer)
+_EMPTY = None
+
+
+def _isa(isa: str) -> int:
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; expected one of {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
+def _empty():
+    global _EMPTY
+    if _EMPTY is None:
+        import torch
+
+        _EMPTY = torch.empty(0)
+    return _EMPTY
+
+
+def decode(x, rows, a, b, bias=None, isa: str = "auto"):
+    """y = x (A B + S) + bias for few tokens x (T, in): one streaming pass over S and B, fp32 accumulation."""
+    ext = extension()
+    y = ext.decode(x.float().contiguous(), rows.mask, rows.values, rows.row_offsets,
+                   _empty() if a is None else a, _empty() if b is None else b, bias, rows.out_features, _isa(isa))
+    return y.to(x.dtype)
+
+
+def prefill(x, rows, a, b, bias=None, compute=None, isa: str = "auto"):
+    """Many tokens: rows of S expanded into a dense scratch of <= SCRATCH_BYTES, then torch's dense GEMM."""
+    import torch
+
+    ext, compute = extension(), compute or x.dtype
+    xc = x.to(compute)
+    if a is not None:
+        y = (xc @ a.to(compute)) @ b.to(compute)  # (T, r) then (T, out)
+    else:
+        y = xc.new_zeros(x.shape[0], rows.out_features)
+    step = max(1, SCRATCH_BYTES // (rows.out_features * torch.empty((), dtype=compute).element_size()))
+    for i0 in range(0, rows.in_features, step):
+        i1 = min(rows.in_features, i0 + step)
+        s = ext.expand_rows(rows.mask, rows.values, rows.row_offsets, i0, i1, rows.out_features, compute, _isa(isa))
+        y.addmm_(xc[:, i0:i1], s)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
