@@ -7,7 +7,11 @@ What it measures, each on the same device in one run so the ratios are side by s
   3. batch-1 prefill and decode latency of dense vs compressed (median of repeats, after warm-up), fp32 and fp16;
   4. the 2:4 semi-structured kernel (PyTorch `to_sparse_semi_structured`) against a dense fp16 matmul on
      SmolLM2's MLP shapes at 1 and 512 tokens, when the card supports it (compute capability >= 8.0).
+  5. the fused kernels (issue 16): per-layer batch-1 GEMV of the Triton decode kernel at 50% of the fp16 bytes
+     against cuBLAS fp16 on 2048x8192 and 8192x2048 (with its error against the reference path), and whole-model
+     bf16 decode of data-free Saten at 80% and 50% against the bf16 original, interleaved (deploy.speed).
 Run: bash bench/gpu_check.sh            (≤ 5 minutes on one H200; CPU fallback only with --allow-cpu, for testing)
+     bash bench/gpu_check.sh --only-kernels   (section 5 alone)
 """
 
 from __future__ import annotations
@@ -143,18 +147,70 @@ def aw_rows(base, text: str, args) -> None:
         quality("saten-aw 0.8 allocated + heal", base.model, loaded.model, base.tokenizer, text, args.tokens)
 
 
+def kernel_layer_rows(device: str, repeats: int) -> None:
+    """Section 5a: one decode call of the fused kernel against the dense fp16 GEMV, same weights' shapes."""
+    from bench.bench_kernels import make_layer, saten_density
+    from saten_core.kernels import dispatch
+    from saten_core.kernels.reference import lowrank_sparse
+
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    path = "triton-decode" if device == "cuda" else "cpu-decode"
+    shapes = [(2048, 8192), (8192, 2048)] if device == "cuda" else [(576, 1536)]
+    for n_in, n_out in shapes:
+        for kind, rank, density in (("saten", 64, saten_density(n_in, n_out, 64)), ("wanda", 0, 0.5)):
+            layer = make_layer(n_in, n_out, rank, density, seed=0)
+            rows = layer["rows"]
+            rows.mask, rows.values, rows.row_offsets = (t.to(device) for t in (rows.mask, rows.values.to(dtype),
+                                                                               rows.row_offsets))
+            a, b = (None, None) if not rank else (layer["a"].to(device, dtype), layer["b"].to(device, dtype))
+            w = layer["w16"].to(device, dtype)
+            x = torch.randn(1, n_in, device=device, dtype=dtype)
+            try:
+                y = dispatch.run(path, x, rows, a, b, compute=dtype)
+                err = float((y.float() - lowrank_sparse(x, rows, a, b).float()).norm()
+                            / lowrank_sparse(x, rows, a, b).float().norm())
+                k_ms = _median_ms(functools.partial(dispatch.run, path, x, rows, a, b, compute=dtype), repeats)
+                d_ms = _median_ms(functools.partial(torch.nn.functional.linear, x, w), repeats)
+                row(f"kernel {kind} 50% {n_in}x{n_out} {dtype}: {path} ms / dense ms / speed-up / rel. error",
+                    f"{k_ms:.4f} / {d_ms:.4f} / {d_ms / k_ms:.2f}x / {err:.1e}")
+            except Exception as exc:  # noqa: BLE001 - a failing kernel is a finding to record, not a lost run
+                row(f"kernel {kind} 50% {n_in}x{n_out}: error", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def kernel_model_rows(device: str) -> None:
+    """Section 5b: whole SmolLM2 batch-1 decode at bf16, data-free Saten at 80% and 50%, interleaved."""
+    from saten_core.deploy.speed import side_by_side
+
+    base = load_model("smollm2-135m", device=device, dtype=torch.bfloat16)
+    for ratio in (0.8, 0.5):
+        model = copy.deepcopy(base.model).float()
+        compress_(model, Plan(method="saten", target_ratio=ratio, dtype="bfloat16"))
+        model = model.to(torch.bfloat16).eval()
+        with torch.inference_mode():
+            res = side_by_side(model, {"bfloat16": base.model.eval()}, base.tokenizer, rounds=3)
+        row(f"saten {ratio} bf16 fused kernels: decode / prefill time vs bf16 original (min-max)",
+            f"{res['decode_ratio']:.2f} ({res['decode_ratio_min']:.2f}-{res['decode_ratio_max']:.2f}) / "
+            f"{res['prefill_ratio']:.2f} (below 1 = faster)")
+        del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--heal-steps", type=int, default=64, help="healing steps for the saten-aw row (0 = none)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when no GPU (a smoke test of this script)")
+    ap.add_argument("--only-kernels", action="store_true", help="only section 5 (the fused kernels)")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
         sys.exit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     row("device", f"{name}, torch {torch.__version__}")
+    if args.only_kernels:
+        kernel_layer_rows(device, args.repeats)
+        kernel_model_rows(device)
+        return print_table()
     (base, seconds) = timed(load_model, "smollm2-135m", device=device)
     row("load smollm2-135m s", f"{seconds:.2f}")
     text = held_out_text(None)
@@ -170,6 +226,12 @@ def main() -> None:
     if device == "cuda":
         half_rows(base, args.repeats)
     semi_structured(args.repeats)
+    kernel_layer_rows(device, args.repeats)
+    kernel_model_rows(device)
+    print_table()
+
+
+def print_table() -> None:
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, command: bash bench/gpu_check.sh\n")
     print("| measurement | value |\n|---|---|")
     for k, v in ROWS:

@@ -63,6 +63,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from saten_core.kernels.cpu import build
+
+    try:
+        isa = build(verbose=False)
+    except Exception as err:  # noqa: BLE001 - a missing compiler is a message, and the reference path still works
+        print(f"error: compiled CPU kernels did not build ({type(err).__name__}: {str(err)[:300]}); "
+              "inference falls back to the pure-torch reference path", file=sys.stderr)
+        return 2
+    print(f"compiled CPU kernels ready (instruction set: {isa})", file=sys.stderr)
+    return 0
+
+
 def cmd_warm_cache(args: argparse.Namespace) -> int:
     from saten_core.models import warm_cache
 
@@ -380,6 +393,8 @@ def build_parser() -> Parser:
     add_run_parsers(sub)
     w = sub.add_parser("warm-cache", help="dequantise/cache the embedded models once")
     w.set_defaults(func=cmd_warm_cache)
+    k = sub.add_parser("build-kernels", help="compile the CPU inference kernels once (cached per machine)")
+    k.set_defaults(func=cmd_build_kernels)
     register_groups(sub)
     return parser
 

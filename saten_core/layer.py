@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from saten_core.deploy.dtype import bytes_at, compute_dtype, dtype_name
+from saten_core.kernels import dispatch
+from saten_core.kernels.format import SparseRows, as_bitmask, sparse_rows, tile_offsets
 from saten_core.sparse import (
     mask_bytes,
     nm_mask,
@@ -92,10 +94,10 @@ class SatenLinear(nn.Module):
     positions).
 
     Inference is compact by default (`resident = "compact"`): between calls the layer holds its cores, values,
-    packed mask and the factor pair A (in, r), B (r, out) contracted from the cores (cached while the cores are
-    unchanged: r (in + out) numbers, the form issue 16's kernels read). The dense residual exists only inside one
-    call and is freed after it, so memory at run time is what the checkpoint stores. On CPU a 16-bit layer
-    computes that call in fp32 (deploy.dtype.compute_dtype). This reference path is correct, not fast.
+    packed mask, the factor pair A (in, r), B (r, out) contracted from the cores (cached while the cores are
+    unchanged: r (in + out) numbers) and the per-row value offsets (8 bytes per input row). A call runs the
+    kernel kernels/dispatch.py picks (`kernel_path`): the compiled CPU or Triton kernels read the bitmask and
+    values in place with fp32 accumulation; the "reference" path builds the dense residual for one call.
 
     `materialize()` switches to the dense-cache path (labelled opt-in, CLI `--materialize`): the dense residual
     (or a CSR copy at density <= CSR_MAX_DENSITY on CPU fp32, or the 2:4 semi-structured operand on CUDA) is
@@ -123,6 +125,7 @@ class SatenLinear(nn.Module):
         self.sparse_path = "auto"
         self.resident = "compact"  # or "materialized" (dense residual cached; see materialize())
         self._semi_structured = False
+        self.kernel_path = "auto"  # compact inference kernel (kernels/dispatch.py); "reference" forces plain torch
         self._cache: dict = {}
 
     # ---- construction -------------------------------------------------------------------------------
@@ -325,7 +328,8 @@ class SatenLinear(nn.Module):
         """
         key = self._param_key()
         if self._cache.get("key") != key:
-            keep = {k: v for k, v in self._cache.items() if k.startswith(("index", "pair"))}
+            kept = ("index", "pair", "rows", "tiles", "tensors", "fast")  # the compact path's entries survive
+            keep = {k: v for k, v in self._cache.items() if k.startswith(kept)}
             self._cache = keep | {"key": key, "ops": {}, "ab": None}
         with torch.no_grad():
             if self._cache["ab"] is None and len(self.cores):
@@ -377,16 +381,68 @@ class SatenLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _compact_forward(self, x2d: Tensor) -> Tensor | None:
-        """Reference inference path: the dense residual lives only inside this call (upcast on CPU)."""
-        cdt = compute_dtype(self.values.dtype, x2d.device)
-        xc, y = x2d.to(cdt), None
-        if len(self.cores):
-            a, b = self._cached_pair()
-            y = (xc @ a.to(cdt)) @ b.to(cdt)
-        if self.values.numel():
-            s = xc @ self._residual(cdt)  # (T, out); the (in, out) scratch is freed on return
-            y = s if y is None else y + s
-        return None if y is None else y.to(x2d.dtype)
+        """Inference from the stored format through the kernel the measured rule picks (kernels/dispatch.py).
+
+        No dense residual is kept: the compiled/Triton kernels read the bitmask and values in place, and the
+        reference path (`kernel_path = "reference"`, or where no kernel exists) builds it for one call only.
+        Per call this costs a few microseconds of Python (decode runs it 210 times per token for SmolLM2): the
+        operands are looked up once per parameter change, keyed by the tensors' versions.
+        """
+        ops = self._compact_operands(x2d.device)
+        a, b, rows, cdt = ops
+        if rows is None:
+            return None if a is None else ((x2d.to(cdt) @ a.to(cdt)) @ b.to(cdt)).to(x2d.dtype)
+        path = self.kernel_path
+        if path == "auto":
+            path = dispatch.choose(x2d.device, x2d.shape[0], self.out_features)
+        tiles = self._tile_offsets() if path.startswith("triton") else None
+        return dispatch.run(path, x2d, rows, a, b, compute=cdt, tiles=tiles)
+
+    def _compact_operands(self, device: torch.device) -> tuple:
+        """(A, B, SparseRows or None, compute dtype), cached until a core, the values or the mask change."""
+        tensors = self._cache.get("tensors")
+        if tensors is None:  # the parameter objects; _apply (to/cuda/half) drops the cache, load_state_dict bumps
+            tensors = self._cache["tensors"] = [*self.cores, self.values, self.mask]
+        key = [(t.data_ptr(), t._version) for t in tensors]
+        fast = self._cache.get("fast")
+        if fast is not None and fast[0] == key:
+            return fast[1]
+        a, b = self._cached_pair() if len(self.cores) else (None, None)
+        rows = self._sparse_rows() if self.values.numel() else None
+        ops = (a, b, rows, compute_dtype(self.values.dtype, device))
+        tensors = self._cache["tensors"] = [*self.cores, self.values, self.mask]  # the mask may be rewritten
+        self._cache["fast"] = ([(t.data_ptr(), t._version) for t in tensors], ops)
+        return ops
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}  # moved or cast tensors are new objects: every cached operand is stale
+        return super()._apply(fn, recurse)
+
+    def _sparse_rows(self) -> SparseRows:
+        """The kernels' view of S (bitmask, values, row offsets), rebuilt only when the mask or values change.
+
+        A 2:4 mask is rewritten in place as the bitmask: both take in*out/8 bytes, so resident memory is
+        unchanged. An index mask (density < 1/32) gets a cached bitmask of in*out/8 bytes next to it.
+        """
+        if self.mask_format == "nm":
+            with torch.inference_mode(False), torch.no_grad():  # a buffer that later healing may still read
+                self.mask = as_bitmask("nm", self.mask, self.in_features, self.out_features)
+            self.mask_format = "bitmask"
+        v = self.values
+        key = (self.mask.data_ptr(), self.mask._version, v.data_ptr(), v._version, v.dtype, v.device)
+        if self._cache.get("rows_key") != key:
+            rows = sparse_rows(self.mask_format, self.mask, v.detach(), self.in_features, self.out_features)
+            self._cache.update(rows_key=key, rows=rows, tiles=None)
+        return self._cache["rows"]
+
+    def _tile_offsets(self) -> Tensor:
+        """Per-(row, output tile) value offsets for the Triton kernels, cached with the rows."""
+        rows = self._sparse_rows()
+        if self._cache.get("tiles") is None:
+            from saten_core.kernels.triton import DEFAULT_BLOCK_N
+
+            self._cache["tiles"] = tile_offsets(rows, DEFAULT_BLOCK_N)
+        return self._cache["tiles"]
 
     def _cached_pair(self) -> tuple[Tensor, Tensor]:
         """A (in, r), B (r, out) at the stored dtype, rebuilt only when a core changes (the only inference cache)."""

@@ -29,3 +29,5 @@ if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
 fi
 # dequantise the embedded GGUF once and cache it as safetensors (no-op when cached)
 "$VENV/bin/python" -m saten_core warm-cache
+# compile the CPU inference kernels once (no-op when cached; a failure leaves the slower reference path)
+"$VENV/bin/python" -m saten_core build-kernels || echo "[setup] continuing without compiled kernels"

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated SATEN_HOME per test session and tiny Llama / BERT models built from configs.
+"""Shared fixtures: an isolated SATEN_HOME per test session (the model and kernel caches stay shared) and tiny
+Llama / BERT models built from configs.
 
 Run: .venv/bin/python -m pytest -q            (everything)
      .venv/bin/python -m pytest -q -m "not slow and not browser"   (fast loop)
@@ -25,8 +26,9 @@ def minilm_tokenizer_dir() -> Path:
 def isolated_home(tmp_path_factory: pytest.TempPathFactory):
     """Jobs, caches and results of tests go to a temp SATEN_HOME; the real-model cache stays shared."""
     home = tmp_path_factory.mktemp("saten_home")
-    old = {k: os.environ.get(k) for k in ("SATEN_HOME", "SATEN_MODEL_CACHE", "HF_HUB_OFFLINE")}
+    old = {k: os.environ.get(k) for k in ("SATEN_HOME", "SATEN_MODEL_CACHE", "SATEN_KERNEL_CACHE", "HF_HUB_OFFLINE")}
     os.environ["SATEN_MODEL_CACHE"] = str(Path(old["SATEN_MODEL_CACHE"] or REAL_HOME / "models"))
+    os.environ["SATEN_KERNEL_CACHE"] = str(Path(old["SATEN_KERNEL_CACHE"] or REAL_HOME / "kernels"))  # built by setup
     os.environ["SATEN_HOME"] = str(home)
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield home

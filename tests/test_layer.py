@@ -12,6 +12,7 @@ from saten_core.spec import LayerSpec
 
 IN, OUT = 96, 192
 PATHS = ("dense", "csr", "gather")
+KERNEL_PATHS = ("reference", "cpu-decode", "cpu-prefill")  # this CPU's kernels; test_kernels_cpu covers the ISAs
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,13 @@ def _rel(a, b):
 
 
 def _outputs(layer, x):
-    """Outputs of the compact path, every materialized sparse path and the differentiable training path."""
+    """Outputs of every compact kernel path, every materialized sparse path and the differentiable training path."""
     with torch.no_grad():
         outs = {"compact": layer(x)}
+        for path in KERNEL_PATHS:
+            layer.kernel_path = path
+            outs[f"kernel {path}"] = layer(x)
+        layer.kernel_path = "auto"
         layer.materialize()
         for path in PATHS:
             layer.sparse_path = path

@@ -62,10 +62,13 @@ SCRATCH_BYTES = 4 << 20  # prefill expands at most this much of S at a time (a f
 _EMPTY = None
 
 
-def _isa(isa: str) -> int:
+def _check(rows, isa: str) -> None:
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; expected one of {', '.join(ISAS)}")
-    return ISAS[isa]
+    if rows.out_features % 8:
+        raise ValueError(f"the compiled kernels need out_features divisible by 8, got {rows.out_features}")
+    if extension() is None:
+        raise ValueError("the compiled CPU kernels are not available on this machine (see the warning)")
 
 
 def _empty():
@@ -78,17 +81,21 @@ def _empty():
 
 
 def decode(x, rows, a, b, bias=None, isa: str = "auto"):
-    """y = x (A B + S) + bias for few tokens x (T, in): one streaming pass over S and B, fp32 accumulation."""
-    ext = extension()
-    y = ext.decode(x.float().contiguous(), rows.mask, rows.values, rows.row_offsets,
-                   _empty() if a is None else a, _empty() if b is None else b, bias, rows.out_features, _isa(isa))
-    return y.to(x.dtype)
+    """y = x (A B + S) + bias for few tokens x (T, in): one streaming pass over S and B, fp32 accumulation.
+
+    Kept lean (one call into C++): it runs once per layer per decoded token.
+    """
+    _check(rows, isa)
+    empty = _empty()
+    return extension().decode(x.contiguous(), rows.mask, rows.values, rows.row_offsets, empty if a is None else a,
+                              empty if b is None else b, bias, rows.out_features, ISAS[isa])
 
 
 def prefill(x, rows, a, b, bias=None, compute=None, isa: str = "auto"):
     """Many tokens: rows of S expanded into a dense scratch of <= SCRATCH_BYTES, then torch's dense GEMM."""
     import torch
 
+    _check(rows, isa)
     ext, compute = extension(), compute or x.dtype
     xc = x.to(compute)
     if a is not None:
@@ -98,7 +105,7 @@ def prefill(x, rows, a, b, bias=None, compute=None, isa: str = "auto"):
     step = max(1, SCRATCH_BYTES // (rows.out_features * torch.empty((), dtype=compute).element_size()))
     for i0 in range(0, rows.in_features, step):
         i1 = min(rows.in_features, i0 + step)
-        s = ext.expand_rows(rows.mask, rows.values, rows.row_offsets, i0, i1, rows.out_features, compute, _isa(isa))
+        s = ext.expand_rows(rows.mask, rows.values, rows.row_offsets, i0, i1, rows.out_features, compute, ISAS[isa])
         y.addmm_(xc[:, i0:i1], s)
     if bias is not None:
         y = y + bias.to(compute)

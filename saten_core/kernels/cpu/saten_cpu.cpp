@@ -378,7 +378,8 @@ void add_unpermuted(const std::vector<float>& parts, int64_t nparts, int64_t T, 
 
 void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                   const at::Tensor& row_off, int64_t out) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous fp32 (T, in)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous (T, in)");
+  kind_of(x);
   TORCH_CHECK(out % 8 == 0, "out_features must be a multiple of 8, got ", out);
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous(), "mask must be contiguous uint8");
   TORCH_CHECK(mask.numel() * 8 >= x.size(1) * out, "mask too short for (", x.size(1), ", ", out, ")");
@@ -463,7 +464,8 @@ void decode_thread(DecodeJob& job, int64_t p, float* y, const float* bias) {
   }
 }
 
-// y (T, out) fp32 = x (A B + S) + bias for x (T, in) fp32. A (in, r), B (r, out) may be empty (r = 0).
+// y (T, out) = x (A B + S) + bias for x (T, in), returned at x's dtype (bf16, fp16 or fp32), accumulated in fp32.
+// A (in, r), B (r, out) may be empty (r = 0). x is widened and y narrowed here, not by two more torch calls.
 // One OpenMP region with two barriers (a parallel region costs several microseconds; a layer takes ~50).
 at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_off,
                   const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias, int64_t out,
@@ -477,7 +479,10 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
   job.bops = {use, job.r ? kind_of(b) : kF32};
   TORCH_CHECK(!job.r || (b.size(0) == job.r && b.size(1) == out && a.size(0) == job.in && a.is_contiguous() &&
                          b.is_contiguous()), "A must be (in, r) and B (r, out), contiguous");
-  job.x = x.data_ptr<float>(), job.off = row_off.data_ptr<int64_t>();
+  const int64_t n_x = x.numel();
+  std::vector<float> xf(n_x);
+  for (int64_t k = 0; k < n_x; ++k) xf[k] = to_float(x.data_ptr(), k, kind_of(x));
+  job.x = xf.data(), job.off = row_off.data_ptr<int64_t>();
   job.bits = mask.data_ptr<uint8_t>(), job.vals = static_cast<const uint8_t*>(values.data_ptr());
   job.vend = job.vals + values.numel() * values.element_size();
   job.a = static_cast<const uint8_t*>(job.r ? a.data_ptr() : nullptr);
@@ -492,9 +497,9 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
   job.bounds = split_rows(cost, job.parts);
   job.upart.assign(job.parts * T * job.rpad, 0.f), job.u.assign(job.parts * T * r, 0.f);
   job.ypart.assign(job.parts * T * out, 0.f), job.yperm.assign(job.blocked ? job.parts * T * job.npad : 0, 0.f);
-  at::Tensor y = at::empty({T, out}, x.options());
+  std::vector<float> yf(T * out);
   at::Tensor bf = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  float* yp = y.data_ptr<float>();
+  float* yp = yf.data();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
 #pragma omp parallel num_threads(job.parts)
   {
@@ -502,6 +507,11 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
     if (omp_get_num_threads() == job.parts) decode_thread(job, omp_get_thread_num(), yp, bp);
   }
   if (omp_get_max_threads() < job.parts) TORCH_CHECK(false, "OpenMP granted fewer threads than requested");
+  at::Tensor y = at::empty({T, out}, x.options());
+  const ValueKind yk = kind_of(x);
+  if (yk == kF32) std::memcpy(y.data_ptr(), yf.data(), yf.size() * 4);
+  else if (yk == kBF16) for (int64_t k = 0; k < T * out; ++k) y.data_ptr<at::BFloat16>()[k] = c10::BFloat16(yf[k]);
+  else for (int64_t k = 0; k < T * out; ++k) y.data_ptr<at::Half>()[k] = c10::Half(yf[k]);
   return y;
 }
 

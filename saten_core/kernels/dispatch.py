@@ -1,0 +1,65 @@
+"""Which kernel computes one call of a compressed layer: the measured rule per device, dtype and token count.
+
+Rule (measured by bench/bench_kernels.py on this 2-core CPU, docs/benchmarks/maths.md "Fused kernels"):
+- CPU with the compiled extension: "cpu-decode" (one streaming pass over S and B) up to DECODE_MAX_TOKENS tokens,
+  "cpu-prefill" (S expanded in row chunks into a dense scratch, then torch's GEMM) above: decode's cost grows with
+  the tokens, prefill's is a dense GEMM plus one expansion.
+- CUDA with Triton: "triton-decode" / "triton-prefill" at the same switch (Triton's own limit is 16 tokens).
+- Anything else (no compiler, an output width not divisible by 8, another device): "reference", which builds the
+  dense S for the call; it is correct and slow, and the missing extension is said once (cpu.extension()).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saten_core.kernels import cpu
+from saten_core.kernels.format import SparseRows
+from saten_core.kernels.reference import lowrank_sparse
+
+PATHS = ("auto", "reference", "cpu-decode", "cpu-prefill", "triton-decode", "triton-prefill")
+DECODE_MAX_TOKENS = 16
+
+
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; expected one of {', '.join(PATHS)}")
+    return path
+
+
+def _triton_ready() -> bool:
+    try:
+        from saten_core.kernels import triton as tk
+    except ImportError:
+        return False
+    return tk.supported()
+
+
+def choose(device: torch.device, tokens: int, out_features: int) -> str:
+    """The path "auto" takes for a call of `tokens` tokens on `device` (see the module docstring)."""
+    if out_features % 8:
+        return "reference"
+    phase = "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
+    if device.type == "cpu" and cpu.extension() is not None:
+        return f"cpu-{phase}"
+    if device.type == "cuda" and _triton_ready():
+        return f"triton-{phase}"
+    return "reference"
+
+
+def run(path: str, x: Tensor, rows: SparseRows, a: Tensor | None, b: Tensor | None, *, compute: torch.dtype,
+        tiles: Tensor | None = None) -> Tensor:
+    """y = x (A B + S) for x (T, in) through `path` (not "auto"); every path equals "reference" to fp32 rounding."""
+    if path == "cpu-decode":
+        return cpu.decode(x, rows, a, b)
+    if path == "cpu-prefill":
+        return cpu.prefill(x, rows, a, b, compute=compute)
+    if path.startswith("triton-"):
+        from saten_core.kernels import triton as tk
+
+        fn = tk.decode if path == "triton-decode" else tk.prefill
+        return fn(x, rows, a, b, None, tiles)
+    if path == "reference":
+        return lowrank_sparse(x, rows, a, b, compute=compute)
+    raise ValueError(f"kernel path must be a concrete one, got {path!r}")
