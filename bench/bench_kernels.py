@@ -170,7 +170,8 @@ def tables(rows: list[dict], bandwidth: float) -> str:
         ref = us(r["reference"]) if "reference" in r else ""
         out.append(f"| {r['shape']} | {r['kind']} | {r['rank']} | {r['density']:.3f} | {r['bytes_fraction']:.2f} "
                    f"| {r['tokens']} | {us(r['kernel'])} | {floor} | {over} | {us(r['dense bf16'])} "
-                   f"| {us(r['dense fp32'])} | {r['ratio vs dense bf16']:.2f} | {r['ratio vs dense fp32']:.2f} | {ref} |")
+                   f"| {us(r['dense fp32'])} | {r['ratio vs dense bf16']:.2f} | {r['ratio vs dense fp32']:.2f} "
+                   f"| {ref} |")
     out += ["", "| tokens | decode µs | prefill µs | dense bf16 µs | decode / prefill |", "|---|---|---|---|---|"]
     for r in (r for r in rows if r["section"] == "crossover"):
         out.append(f"| {r['tokens']} | {us(r['decode'])} | {us(r['prefill'])} | {us(r['dense bf16'])} "
