@@ -81,13 +81,15 @@ def evaluate_deployed(reference: Any, candidate: Any, *, dtype: str, materialize
     itself says nothing) or None (not timed).
     """
     from saten_core.checkpoint import set_materialized
-    from saten_core.evaluate import latency
+    from saten_core.evaluate import latency, model_device
+    from saten_core.kernels.dispatch import model_paths
     from saten_core.models import working_precision
 
     set_materialized(candidate.model, materialize)
     with working_precision(reference.model, candidate.model):
         out = evaluate_pair(reference, candidate, text=text, tokens=tokens)
     out.update(dtype=dtype, materialized=materialize)
+    out["kernels"] = model_paths(candidate.model, model_device(candidate.model))
     if candidate.kind == "decoder" and timing == "side-by-side":
         out.update(speed_against(candidate, reference))
     elif candidate.kind == "decoder" and timing == "alone":

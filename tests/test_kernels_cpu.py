@@ -153,3 +153,38 @@ def test_missing_extension_falls_back_to_reference_and_says_so_once(monkeypatch)
         assert torch.allclose(y1, layer(x)) and torch.allclose(y2, layer(x[:1]))
     finally:
         cpu.extension.cache_clear()
+
+
+def test_resident_bytes_count_the_kernel_offsets():
+    from saten_core.deploy.memory import resident_bytes
+
+    layer = SatenLinear.from_linear(nn.Linear(64, 96, bias=False), LayerSpec(rank=4, density=0.3))
+    layer = layer.to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        layer(torch.randn(1, 64).to(torch.bfloat16))
+    a, b = layer._cached_pair()
+    expected = layer.stored_bytes() + (a.numel() + b.numel()) * 2 + (64 + 1) * 8  # + factor pair + row offsets
+    assert resident_bytes(layer) == expected
+
+
+def test_model_paths_counts_what_each_layer_runs():
+    model = nn.Sequential(SatenLinear.from_linear(nn.Linear(64, 96), LayerSpec(rank=4, density=0.3)),
+                          SatenLinear.from_linear(nn.Linear(96, 60), LayerSpec(rank=4, density=0.3)))
+    paths = dispatch.model_paths(model, "cpu")
+    assert paths["decode"] == {"cpu-decode": 1, "reference": 1}
+    assert paths["prefill"] == {"cpu-prefill": 1, "reference": 1}
+    assert paths["isa"] == cpu.extension().best_isa()
+    model[0].kernel_path = "reference"
+    assert dispatch.model_paths(model, "cpu")["decode"] == {"reference": 2}
+
+
+def test_cuda_rule_is_reference_until_triton_is_opted_in(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("SATEN_CUDA_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "_triton_ready", lambda: True)
+    assert dispatch.choose(cuda, 1, 64) == "reference"
+    monkeypatch.setenv("SATEN_CUDA_KERNELS", "triton")
+    assert dispatch.choose(cuda, 1, 64) == "triton-decode"
+    assert dispatch.choose(cuda, 100, 64) == "triton-prefill"
+    monkeypatch.setattr(dispatch, "_triton_ready", lambda: False)
+    assert dispatch.choose(cuda, 1, 64) == "reference"

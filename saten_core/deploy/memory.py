@@ -7,6 +7,7 @@ so nothing the parent loaded before (the other model, the teacher, allocator lef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -22,9 +23,12 @@ MEMORY_TOKENS = 512  # tokens of the one forward pass before memory is read (a p
 
 
 def _tensors_in(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors held by an attribute value: a tensor, or one inside dicts / lists / tuples (caches)."""
+    """Tensors held by an attribute value: a tensor, or one inside dicts / lists / tuples / dataclasses (caches)."""
     if isinstance(value, torch.Tensor):
         yield value
+    elif depth < 4 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):  # e.g. kernels.format.SparseRows: its row offsets
+            yield from _tensors_in(getattr(value, field.name), depth + 1)
     elif depth < 4 and isinstance(value, dict):
         for v in value.values():
             yield from _tensors_in(v, depth + 1)

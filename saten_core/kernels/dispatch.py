@@ -4,12 +4,16 @@ Rule (measured by bench/bench_kernels.py on this 2-core CPU, docs/benchmarks/mat
 - CPU with the compiled extension: "cpu-decode" (one streaming pass over S and B) up to DECODE_MAX_TOKENS tokens,
   "cpu-prefill" (S expanded in row chunks into a dense scratch, then torch's GEMM) above: decode's cost grows with
   the tokens, prefill's is a dense GEMM plus one expansion.
-- CUDA with Triton: "triton-decode" / "triton-prefill" at the same switch (Triton's own limit is 16 tokens).
+- CUDA: "reference" until the Triton kernels are measured on a GPU (none was lent while they were written; their
+  tests run under the interpreter). `SATEN_CUDA_KERNELS=triton` opts in to "triton-decode" / "triton-prefill" at
+  the same switch (Triton's decode takes at most 16 tokens); bench/gpu_check.sh measures both.
 - Anything else (no compiler, an output width not divisible by 8, another device): "reference", which builds the
   dense S for the call; it is correct and slow, and the missing extension is said once (cpu.extension()).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -43,7 +47,7 @@ def choose(device: torch.device, tokens: int, out_features: int) -> str:
     phase = "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
     if device.type == "cpu" and cpu.extension() is not None:
         return f"cpu-{phase}"
-    if device.type == "cuda" and _triton_ready():
+    if device.type == "cuda" and os.environ.get("SATEN_CUDA_KERNELS") == "triton" and _triton_ready():
         return f"triton-{phase}"
     return "reference"
 
@@ -63,3 +67,21 @@ def run(path: str, x: Tensor, rows: SparseRows, a: Tensor | None, b: Tensor | No
     if path == "reference":
         return lowrank_sparse(x, rows, a, b, compute=compute)
     raise ValueError(f"kernel path must be a concrete one, got {path!r}")
+
+
+def model_paths(model: torch.nn.Module, device: torch.device | str) -> dict:
+    """Which path each compressed layer's decode (1 token) and prefill (128 tokens) calls take, counted.
+
+    Recorded with every evaluation so a speed figure says what computed it, e.g.
+    {"decode": {"cpu-decode": 210}, "prefill": {"cpu-prefill": 210}, "isa": "avx512"}.
+    """
+    device = torch.device(device)
+    counts: dict[str, dict[str, int]] = {"decode": {}, "prefill": {}}
+    for module in model.modules():
+        if not hasattr(module, "kernel_path") or getattr(module, "resident", "compact") != "compact":
+            continue
+        for phase, tokens in (("decode", 1), ("prefill", 128)):
+            path = module.kernel_path if module.kernel_path != "auto" else choose(device, tokens, module.out_features)
+            counts[phase][path] = counts[phase].get(path, 0) + 1
+    ext = cpu.extension() if device.type == "cpu" else None
+    return {**counts, "isa": ext.best_isa() if ext is not None else None}
