@@ -179,9 +179,9 @@ def kernel_layer_rows(device: str, repeats: int) -> None:
 
 def kernel_model_rows(device: str) -> None:
     """Section 5b: whole SmolLM2 batch-1 decode at bf16, data-free Saten at 80% and 50%, interleaved."""
-    from saten_core.deploy.speed import side_by_side
-
     import os
+
+    from saten_core.deploy.speed import side_by_side
 
     base = load_model("smollm2-135m", device=device, dtype=torch.bfloat16)
     kernels = ["reference", "triton"] if device == "cuda" else ["cpu"]
