@@ -224,18 +224,37 @@ constexpr int kRowBlock = 8;
 constexpr int kStreamAhead = 256;
 constexpr int64_t kAheadMaxBytes = 24 << 10;
 
-struct Ahead {  // the next block's regions, prefetched in `steps` slices while this block runs
+struct Ahead {  // the next block's regions, prefetched one slice of lines per 32-column step of this block
   const char* values = nullptr;
-  int64_t value_bytes = 0;
+  int64_t value_lines = 0, value_per_step = 0;
   const char* mask = nullptr;
-  int64_t mask_bytes = 0;
-  int64_t steps = 1;
+  int64_t mask_lines = 0, mask_per_step = 0;
+
+  Ahead() = default;
+  Ahead(const char* v, int64_t v_bytes, const char* m, int64_t m_bytes, int64_t steps)
+      : values(v), value_lines((v_bytes + 63) / 64), value_per_step(value_lines / steps + 1), mask(m),
+        mask_lines((m_bytes + 63) / 64), mask_per_step(mask_lines / steps + 1) {}
 };
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2"))) inline void prefetch_slice(
-    const char* base, int64_t bytes, int64_t step, int64_t steps) {
-  const int64_t lines = (bytes + 63) / 64, per = lines / steps + 1;
-  for (int64_t q = step * per; q < std::min(lines, (step + 1) * per); ++q) _mm_prefetch(base + q * 64, _MM_HINT_T0);
+    const char* base, int64_t lines, int64_t per, int64_t step) {
+  for (int64_t q = step * per, end = std::min(lines, q + per); q < end; ++q) _mm_prefetch(base + q * 64, _MM_HINT_T0);
+}
+
+// The R rows' 32 lanes at column j: expanded (sparse) or loaded (dense), widened to fp32 pairs by the caller.
+template <bool kSparse>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2"))) inline __m512i row_lanes(
+    const uint8_t*& p, const uint8_t* row_bits, int64_t j, int64_t left, bool stream_prefetch) {
+  if (!kSparse) return _mm512_maskz_loadu_epi16(_bzhi_u32(0xFFFFFFFFu, static_cast<unsigned>(left)), p + j * 2);
+  if (stream_prefetch) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kStreamAhead, _MM_HINT_T0);
+    if ((j & 255) == 0) _mm_prefetch(reinterpret_cast<const char*>(row_bits + j / 8) + 64, _MM_HINT_T0);
+  }
+  const uint32_t m = mask_word(row_bits, j, left);
+  const int cnt = __builtin_popcount(m);
+  const __m512i e = expand32(p, m, cnt);
+  p += cnt * 2;
+  return e;
 }
 
 template <int R, bool kSparse>
@@ -244,39 +263,40 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2"))) voi
     int64_t cstride, int64_t T, float* yp, int64_t npad, const Ahead& ahead) {
   const __m512i zero = _mm512_setzero_si512();
   const uint8_t* p[R];
-  for (int k = 0; k < R; ++k) p[k] = kSparse ? vals + off[i0 + k] * 2 : vals + (i0 + k) * n * 2;
-  const uint8_t* b0 = kSparse ? bits + i0 * n / 8 : nullptr;
+  const uint8_t* rb[R];
+  for (int k = 0; k < R; ++k) {
+    p[k] = kSparse ? vals + off[i0 + k] * 2 : vals + (i0 + k) * n * 2;
+    rb[k] = kSparse ? bits + (i0 + k) * n / 8 : nullptr;
+  }
+  const bool ahead_on = kSparse && ahead.values != nullptr, per_stream = kSparse && !ahead_on;
+  __m512 c1[R];  // one token (decode): coefficients in registers, lanes consumed as soon as they are built
+  for (int k = 0; k < R; ++k) c1[k] = _mm512_set1_ps(coef[i0 + k]);
   for (int64_t j = 0; j < n; j += 32) {
     const int64_t left = std::min<int64_t>(32, n - j);
-    if (kSparse && ahead.values) {
-      prefetch_slice(ahead.values, ahead.value_bytes, j / 32, ahead.steps);
-      prefetch_slice(ahead.mask, ahead.mask_bytes, j / 32, ahead.steps);
+    if (ahead_on) {
+      prefetch_slice(ahead.values, ahead.value_lines, ahead.value_per_step, j / 32);
+      prefetch_slice(ahead.mask, ahead.mask_lines, ahead.mask_per_step, j / 32);
     }
-    __m512i lo16[R], hi16[R];
-    for (int k = 0; k < R; ++k) {
-      __m512i e;
-      if (kSparse) {
-        if (!ahead.values) {
-          _mm_prefetch(reinterpret_cast<const char*>(p[k]) + kStreamAhead, _MM_HINT_T0);
-          if ((j & 255) == 0) _mm_prefetch(reinterpret_cast<const char*>(b0 + k * n / 8 + j / 8) + 64, _MM_HINT_T0);
-        }
-        const uint32_t m = mask_word(b0 + k * n / 8, j, left);
-        const int cnt = __builtin_popcount(m);
-        e = expand32(p[k], m, cnt);
-        p[k] += cnt * 2;
-      } else {
-        e = _mm512_maskz_loadu_epi16(_bzhi_u32(0xFFFFFFFFu, static_cast<unsigned>(left)), p[k] + j * 2);
+    if (T == 1) {
+      __m512 lo = _mm512_loadu_ps(yp + j), hi = _mm512_loadu_ps(yp + j + 16);
+      for (int k = 0; k < R; ++k) {
+        const __m512i e = row_lanes<kSparse>(p[k], rb[k], j, left, per_stream);
+        lo = _mm512_fmadd_ps(c1[k], _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, e)), lo);
+        hi = _mm512_fmadd_ps(c1[k], _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, e)), hi);
       }
-      lo16[k] = _mm512_unpacklo_epi16(zero, e);
-      hi16[k] = _mm512_unpackhi_epi16(zero, e);
+      _mm512_storeu_ps(yp + j, lo);
+      _mm512_storeu_ps(yp + j + 16, hi);
+      continue;
     }
+    __m512i lanes[R];  // several tokens: each row's lanes are built once and used by every token
+    for (int k = 0; k < R; ++k) lanes[k] = row_lanes<kSparse>(p[k], rb[k], j, left, per_stream);
     for (int64_t t = 0; t < T; ++t) {
       float* y = yp + t * npad + j;
       __m512 lo = _mm512_loadu_ps(y), hi = _mm512_loadu_ps(y + 16);
       for (int k = 0; k < R; ++k) {
         const __m512 c = _mm512_set1_ps(coef[t * cstride + i0 + k]);
-        lo = _mm512_fmadd_ps(c, _mm512_castsi512_ps(lo16[k]), lo);
-        hi = _mm512_fmadd_ps(c, _mm512_castsi512_ps(hi16[k]), hi);
+        lo = _mm512_fmadd_ps(c, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, lanes[k])), lo);
+        hi = _mm512_fmadd_ps(c, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, lanes[k])), hi);
       }
       _mm512_storeu_ps(y, lo);
       _mm512_storeu_ps(y + 16, hi);
@@ -294,12 +314,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2"))) voi
   for (; i + kRowBlock <= i1; i += kRowBlock) {
     Ahead ahead;
     const int64_t a0 = i + kRowBlock, a1 = std::min(i1, i + 2 * kRowBlock);
-    if (kSparse && a0 < a1) {
-      ahead.values = reinterpret_cast<const char*>(vals + off[a0] * 2), ahead.value_bytes = (off[a1] - off[a0]) * 2;
-      ahead.mask = reinterpret_cast<const char*>(bits + a0 * n / 8), ahead.mask_bytes = (a1 - a0) * n / 8;
-      ahead.steps = (n + 31) / 32;
-      if (ahead.value_bytes + ahead.mask_bytes > kAheadMaxBytes) ahead.values = nullptr;  // wide rows: per stream
-    }
+    const int64_t value_bytes = kSparse && a0 < a1 ? (off[a1] - off[a0]) * 2 : 0, mask_bytes = (a1 - a0) * n / 8;
+    if (kSparse && a0 < a1 && value_bytes + mask_bytes <= kAheadMaxBytes)  // else wide rows: per-stream prefetch
+      ahead = Ahead(reinterpret_cast<const char*>(vals + off[a0] * 2), value_bytes,
+                    reinterpret_cast<const char*>(bits + a0 * n / 8), mask_bytes, (n + 31) / 32);
     bf16_rows_avx512<kRowBlock, kSparse>(bits, vals, off, i, n, coef, cstride, T, yp, npad, ahead);
   }
   for (; i < i1; ++i) bf16_rows_avx512<1, kSparse>(bits, vals, off, i, n, coef, cstride, T, yp, npad, Ahead{});
@@ -519,7 +537,9 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
                          b.is_contiguous()), "A must be (in, r) and B (r, out), contiguous");
   const int64_t n_x = x.numel();
   std::vector<float> xf(n_x);
-  for (int64_t k = 0; k < n_x; ++k) xf[k] = to_float(x.data_ptr(), k, kind_of(x));
+  const void* xraw = x.data_ptr();  // hoisted: data_ptr() and the dtype check cost ~20 ns a call
+  const ValueKind xk = kind_of(x);
+  for (int64_t k = 0; k < n_x; ++k) xf[k] = to_float(xraw, k, xk);
   job.x = xf.data(), job.off = row_off.data_ptr<int64_t>();
   job.bits = mask.data_ptr<uint8_t>(), job.vals = static_cast<const uint8_t*>(values.data_ptr());
   job.vend = job.vals + values.numel() * values.element_size();
@@ -547,9 +567,15 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
   if (omp_get_max_threads() < job.parts) TORCH_CHECK(false, "OpenMP granted fewer threads than requested");
   at::Tensor y = at::empty({T, out}, x.options());
   const ValueKind yk = kind_of(x);
-  if (yk == kF32) std::memcpy(y.data_ptr(), yf.data(), yf.size() * 4);
-  else if (yk == kBF16) for (int64_t k = 0; k < T * out; ++k) y.data_ptr<at::BFloat16>()[k] = c10::BFloat16(yf[k]);
-  else for (int64_t k = 0; k < T * out; ++k) y.data_ptr<at::Half>()[k] = c10::Half(yf[k]);
+  if (yk == kF32) {
+    std::memcpy(y.data_ptr(), yf.data(), yf.size() * 4);
+  } else if (yk == kBF16) {
+    auto* yo = y.data_ptr<at::BFloat16>();
+    for (int64_t k = 0; k < T * out; ++k) yo[k] = c10::BFloat16(yf[k]);
+  } else {
+    auto* yo = y.data_ptr<at::Half>();
+    for (int64_t k = 0; k < T * out; ++k) yo[k] = c10::Half(yf[k]);
+  }
   return y;
 }
 
