@@ -580,8 +580,10 @@ at::Tensor decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor&
 }
 
 // Rows [i0, i1) of S as a dense (i1 - i0, out) tensor at `dtype` (the values' dtype or float32).
+// With `dest` ((i1 - i0, out), contiguous, of `dtype`) the rows are written there (the caller's larger scratch).
 at::Tensor expand_rows(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_off, int64_t i0,
-                       int64_t i1, int64_t out, at::ScalarType dtype, int64_t isa) {
+                       int64_t i1, int64_t out, at::ScalarType dtype, int64_t isa,
+                       const c10::optional<at::Tensor>& dest) {
   TORCH_CHECK(0 <= i0 && i0 <= i1 && i1 < row_off.numel(), "bad row range [", i0, ", ", i1, ")");
   TORCH_CHECK(out % 8 == 0, "out_features must be a multiple of 8, got ", out);
   TORCH_CHECK(dtype == values.scalar_type() || dtype == at::kFloat, "dtype must be the values' or float32");
@@ -589,8 +591,16 @@ at::Tensor expand_rows(const at::Tensor& mask, const at::Tensor& values, const a
   const ValueKind kind = kind_of(values);
   // the AVX-512 16-bit expansion writes every lane (zeros included); the other routes add into zeros
   const bool writes_all = use == kAvx512 && kind != kF32 && dtype != at::kFloat;
-  at::Tensor dense = writes_all ? at::empty({i1 - i0, out}, values.options().dtype(dtype))
-                                : at::zeros({i1 - i0, out}, values.options().dtype(dtype));
+  at::Tensor dense;
+  if (dest && dest->defined()) {
+    dense = *dest;
+    TORCH_CHECK(dense.is_contiguous() && dense.scalar_type() == dtype && dense.dim() == 2 &&
+                dense.size(0) == i1 - i0 && dense.size(1) == out, "dest must be contiguous (", i1 - i0, ", ", out, ")");
+    if (!writes_all) dense.zero_();
+  } else {
+    dense = writes_all ? at::empty({i1 - i0, out}, values.options().dtype(dtype))
+                       : at::zeros({i1 - i0, out}, values.options().dtype(dtype));
+  }
   const int64_t* off = row_off.data_ptr<int64_t>();
   const auto* bits = mask.data_ptr<uint8_t>();
   const auto* vals = static_cast<const uint8_t*>(values.data_ptr());
@@ -639,7 +649,9 @@ std::string best_isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "y = x (A B + S) + bias, fp32 accumulation, for few tokens");
-  m.def("expand_rows", &expand_rows, "rows [i0, i1) of the bitmask-sparse S as a dense tensor");
+  m.def("expand_rows", &expand_rows, "rows [i0, i1) of the bitmask-sparse S as a dense tensor", py::arg("mask"),
+        py::arg("values"), py::arg("row_offsets"), py::arg("i0"), py::arg("i1"), py::arg("out_features"),
+        py::arg("dtype"), py::arg("isa"), py::arg("dest") = py::none());
   m.def("row_offsets", &row_offsets, "per-row value offsets of a bitmask");
   m.def("best_isa", &best_isa, "the instruction set the automatic choice uses on this CPU");
 }
