@@ -23,7 +23,7 @@ from saten_core.kernels.format import SparseRows
 from saten_core.kernels.reference import lowrank_sparse
 
 PATHS = ("auto", "reference", "cpu-decode", "cpu-prefill", "triton-decode", "triton-prefill")
-DECODE_MAX_TOKENS = 16  # 576x1536 bf16, cold weights: decode / prefill time 0.77 at 16 tokens, 1.34 at 24
+DECODE_MAX_TOKENS = 8  # 576x1536 bf16, cold weights: decode / prefill time 0.89 at 8 tokens, 1.31 at 16
 
 
 def check_path(path: str) -> str:

@@ -131,7 +131,8 @@ def prefill(x, rows, a, b, bias=None, compute=None, isa: str = "auto"):
         step = max(1, SCRATCH_BYTES // (n_out * elem))
         for i0 in range(0, n_in, step):
             i1 = min(n_in, i0 + step)
-            s = ext.expand_rows(rows.mask, rows.values, rows.row_offsets, i0, i1, n_out, compute, ISAS[isa])
+            s = _scratch((i1 - i0) * n_out, compute).view(i1 - i0, n_out)
+            ext.expand_rows(rows.mask, rows.values, rows.row_offsets, i0, i1, n_out, compute, ISAS[isa], s)
             y.addmm_(xc[:, i0:i1], s)
     if bias is not None:
         y = y + bias.to(compute)
