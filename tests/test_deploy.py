@@ -59,9 +59,9 @@ def test_resident_bytes_count_caches_exactly(linear):
         layer.materialize()
         layer(x)
         materialized = resident_bytes(layer)
-    pair = rank * (IN + OUT) * 4
-    assert compact == layer.stored_bytes() + layer.bias.numel() * 4 + pair
-    assert materialized >= compact + IN * OUT * 4  # the dense residual the opt-in path caches
+    pair, offsets = rank * (IN + OUT) * 4, (IN + 1) * 8  # factor pair + the kernels' per-row value offsets
+    assert compact == layer.stored_bytes() + layer.bias.numel() * 4 + pair + offsets
+    assert materialized >= compact - offsets + IN * OUT * 4  # the dense residual the opt-in path caches
 
 
 def test_resident_bytes_counts_shared_storage_once():

@@ -188,3 +188,12 @@ def test_cuda_rule_is_reference_until_triton_is_opted_in(monkeypatch):
     assert dispatch.choose(cuda, 100, 64) == "triton-prefill"
     monkeypatch.setattr(dispatch, "_triton_ready", lambda: False)
     assert dispatch.choose(cuda, 1, 64) == "reference"
+
+
+def test_prefill_scratch_serves_inference_mode_and_plain_calls_alike():
+    rows, a, b = _layer(64, 96, 0.3, 4, torch.bfloat16)
+    x = torch.randn(20, 64).to(torch.bfloat16)
+    cpu._SCRATCH.__dict__.clear()
+    with torch.inference_mode():
+        first = cpu.prefill(x, rows, a, b)  # the scratch is created here
+    assert torch.equal(cpu.prefill(x, rows, a, b), first)  # and reused outside inference mode

@@ -104,7 +104,8 @@ def _scratch(numel: int, dtype):
     bufs = _SCRATCH.__dict__.setdefault("by_dtype", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
