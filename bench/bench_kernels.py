@@ -81,7 +81,7 @@ def variants(tokens: int, reference: bool) -> dict:
            f"kernel {phase}": (lambda L, x, x32: cpu.decode(x, L["rows"], L["a"], L["b"])) if phase == "decode"
            else (lambda L, x, x32: cpu.prefill(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16))}
     if reference:
-        out["reference"] = lambda L, x, x32: lowrank_sparse(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16)
+        out = {"reference": lambda L, x, x32: lowrank_sparse(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16)}
     return out
 
 
@@ -101,12 +101,17 @@ def time_round(layers: list[dict], fns: dict, tokens: int, calls: int) -> dict[s
 
 
 def measure(layers: list[dict], tokens: int, rounds: int, calls: int, reference: bool = False) -> dict:
-    fns = variants(tokens, reference)
+    """Kernel and dense interleaved; the reference path (milliseconds, allocating) timed apart so that its
+    allocations and long calls do not disturb the others' rounds."""
+    fns = variants(tokens, False)
     with torch.inference_mode():
         time_round(layers, fns, tokens, 5)  # warm-up
         per_round = [time_round(layers, fns, tokens, calls) for _ in range(rounds)]
+        ref = time_round(layers, variants(tokens, True), tokens, 5)["reference"] if reference else None
     kernel = next(k for k in fns if k.startswith("kernel"))
     res = {k: statistics.median(r[k] for r in per_round) for k in fns}
+    if ref is not None:
+        res["reference"] = ref
     for dense in ("dense bf16", "dense fp32"):
         res[f"ratio vs {dense}"] = statistics.median(r[kernel] / r[dense] for r in per_round)
     res["kernel"] = res.pop(kernel)
