@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,16 +74,16 @@ def copies(n_in: int, n_out: int, rank: int, density: float) -> list[dict]:
     return [make_layer(n_in, n_out, rank, density, seed) for seed in range(count)]
 
 
-def variants(tokens: int, reference: bool) -> dict:
-    """name -> fn(layer, x16, x32) for one call."""
+def variants(tokens: int) -> dict:
+    """name -> fn(layer, x16, x32) for one call: dense bf16 / fp32 and the kernel path for `tokens`."""
     phase = "decode" if tokens <= dispatch.DECODE_MAX_TOKENS else "prefill"
-    out = {"dense bf16": lambda L, x, x32: F.linear(x, L["w16"]),
-           "dense fp32": lambda L, x, x32: F.linear(x32, L["w32"]),
-           f"kernel {phase}": (lambda L, x, x32: cpu.decode(x, L["rows"], L["a"], L["b"])) if phase == "decode"
-           else (lambda L, x, x32: cpu.prefill(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16))}
-    if reference:
-        out = {"reference": lambda L, x, x32: lowrank_sparse(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16)}
-    return out
+    kernel = cpu.decode if phase == "decode" else partial(cpu.prefill, compute=torch.bfloat16)
+    return {"dense bf16": lambda L, x, x32: F.linear(x, L["w16"]),
+            "dense fp32": lambda L, x, x32: F.linear(x32, L["w32"]),
+            f"kernel {phase}": lambda L, x, x32: kernel(x, L["rows"], L["a"], L["b"])}
+
+
+REFERENCE = {"reference": lambda L, x, x32: lowrank_sparse(x, L["rows"], L["a"], L["b"], compute=torch.bfloat16)}
 
 
 def time_round(layers: list[dict], fns: dict, tokens: int, calls: int) -> dict[str, float]:
@@ -103,11 +104,11 @@ def time_round(layers: list[dict], fns: dict, tokens: int, calls: int) -> dict[s
 def measure(layers: list[dict], tokens: int, rounds: int, calls: int, reference: bool = False) -> dict:
     """Kernel and dense interleaved; the reference path (milliseconds, allocating) timed apart so that its
     allocations and long calls do not disturb the others' rounds."""
-    fns = variants(tokens, False)
+    fns = variants(tokens)
     with torch.inference_mode():
         time_round(layers, fns, tokens, 5)  # warm-up
         per_round = [time_round(layers, fns, tokens, calls) for _ in range(rounds)]
-        ref = time_round(layers, variants(tokens, True), tokens, 5)["reference"] if reference else None
+        ref = time_round(layers, REFERENCE, tokens, 5)["reference"] if reference else None
     kernel = next(k for k in fns if k.startswith("kernel"))
     res = {k: statistics.median(r[k] for r in per_round) for k in fns}
     if ref is not None:

@@ -17,6 +17,7 @@ from saten_core.sparse import (
     pack_mask,
     packed_dtype,
     packed_numel,
+    scatter_values,
     topk_mask,
     unpack_mask,
 )
@@ -280,15 +281,8 @@ class SatenLinear(nn.Module):
         return unpack_mask(self.mask_format, self.mask, (self.in_features, self.out_features)).reshape(-1)
 
     def _residual(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Dense R (in, out) with the kept values scattered in (differentiable in `values`), at `dtype`.
-
-        masked_scatter fills the mask's True positions in row-major order, which is the order of `values`.
-        """
-        dtype = dtype or self.values.dtype
-        flat = torch.zeros(self.in_features * self.out_features, dtype=dtype, device=self.values.device)
-        if self.values.numel():
-            flat = flat.masked_scatter(self._mask_flat(), self.values.to(dtype))
-        return flat.reshape(self.in_features, self.out_features)
+        """Dense R (in, out) with the kept values scattered in (differentiable in `values`), at `dtype`."""
+        return scatter_values(mask_of(self), self.values, dtype or self.values.dtype)
 
     def _factor_pair(self) -> tuple[Tensor, Tensor]:
         return tt_factor_pair(list(self.cores), self.n_in_modes)
@@ -328,7 +322,7 @@ class SatenLinear(nn.Module):
         """
         key = self._param_key()
         if self._cache.get("key") != key:
-            kept = ("index", "pair", "rows", "tiles", "tensors", "fast")  # the compact path's entries survive
+            kept = ("index", "pair", "rows", "tiles", "fast")  # the compact path's entries survive
             keep = {k: v for k, v in self._cache.items() if k.startswith(kept)}
             self._cache = keep | {"key": key, "ops": {}, "ab": None}
         with torch.no_grad():
@@ -399,19 +393,19 @@ class SatenLinear(nn.Module):
         return dispatch.run(path, x2d, rows, a, b, compute=cdt, tiles=tiles)
 
     def _compact_operands(self, device: torch.device) -> tuple:
-        """(A, B, SparseRows or None, compute dtype), cached until a core, the values or the mask change."""
-        tensors = self._cache.get("tensors")
-        if tensors is None:  # the parameter objects; _apply (to/cuda/half) drops the cache, load_state_dict bumps
-            tensors = self._cache["tensors"] = [*self.cores, self.values, self.mask]
-        key = [(t.data_ptr(), t._version) for t in tensors]
+        """(A, B, SparseRows or None, compute dtype), cached until a core, the values or the mask change.
+
+        The key is the (data_ptr, version) of the parameter objects themselves, kept with the operands: cheaper
+        than walking the ParameterList every call; _apply (to/cuda/half) drops the cache, load_state_dict bumps.
+        """
         fast = self._cache.get("fast")
-        if fast is not None and fast[0] == key:
-            return fast[1]
+        if fast is not None and [(t.data_ptr(), t._version) for t in fast[0]] == fast[1]:
+            return fast[2]
         a, b = self._cached_pair() if len(self.cores) else (None, None)
-        rows = self._sparse_rows() if self.values.numel() else None
+        rows = self._sparse_rows() if self.values.numel() else None  # may rewrite a 2:4 mask: tensors after it
+        tensors = [*self.cores, self.values, self.mask]
         ops = (a, b, rows, compute_dtype(self.values.dtype, device))
-        tensors = self._cache["tensors"] = [*self.cores, self.values, self.mask]  # the mask may be rewritten
-        self._cache["fast"] = ([(t.data_ptr(), t._version) for t in tensors], ops)
+        self._cache["fast"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], ops)
         return ops
 
     def _apply(self, fn, recurse=True):

@@ -111,6 +111,17 @@ def pack_bitmask(mask: Tensor) -> Tensor:
     return _pack_bits(mask)
 
 
+def scatter_values(mask: Tensor, values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dense tensor of mask's shape with `values` (row-major order of the True entries) at `dtype`, zeros elsewhere.
+
+    masked_scatter keeps it differentiable in `values` (the training path) and builds no index tensor.
+    """
+    flat = torch.zeros(mask.numel(), dtype=dtype, device=values.device)
+    if values.numel():
+        flat = flat.masked_scatter(mask.reshape(-1), values.to(dtype))
+    return flat.reshape(mask.shape)
+
+
 def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     return ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel].bool()

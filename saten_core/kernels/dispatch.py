@@ -66,7 +66,8 @@ def run(path: str, x: Tensor, rows: SparseRows, a: Tensor | None, b: Tensor | No
         return fn(x, rows, a, b, None, tiles)
     if path == "reference":
         return lowrank_sparse(x, rows, a, b, compute=compute)
-    raise ValueError(f"kernel path must be a concrete one, got {path!r}")
+    check_path(path)
+    raise ValueError(f"kernel path must be a concrete one (choose() resolves 'auto'), got {path!r}")
 
 
 def model_paths(model: torch.nn.Module, device: torch.device | str) -> dict:

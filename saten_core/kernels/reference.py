@@ -9,16 +9,13 @@ import torch
 from torch import Tensor
 
 from saten_core.kernels.format import SparseRows
-from saten_core.sparse import unpack_mask
+from saten_core.sparse import scatter_values, unpack_mask
 
 
 def dense_sparse(rows: SparseRows, dtype: torch.dtype) -> Tensor:
     """S (in, out) at `dtype`, built from the bitmask and values (a transient dense copy)."""
-    shape = (rows.in_features, rows.out_features)
-    flat = torch.zeros(shape[0] * shape[1], dtype=dtype, device=rows.values.device)
-    if rows.nnz:
-        flat = flat.masked_scatter(unpack_mask("bitmask", rows.mask, shape).reshape(-1), rows.values.to(dtype))
-    return flat.reshape(shape)
+    mask = unpack_mask("bitmask", rows.mask, (rows.in_features, rows.out_features))
+    return scatter_values(mask, rows.values, dtype)
 
 
 def lowrank_sparse(x: Tensor, rows: SparseRows | None, a: Tensor | None, b: Tensor | None,

@@ -16,14 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCE = Path(__file__).with_name("saten_cpu.cpp")
 FLAGS = ["-O3", "-fopenmp"]  # instruction sets are chosen per function at run time (target attributes)
 
 
 def build_dir() -> Path:
     """$SATEN_KERNEL_CACHE, default saten_home()/kernels/<torch version>-<source hash>."""
-    import torch
-
     from saten_core.files import saten_home
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
@@ -60,7 +60,7 @@ def build(verbose: bool = True) -> str:
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 SCRATCH_BYTES = 4 << 20  # prefill expands at most this much of S at a time (a few rows of a large layer)
-_EMPTY = None
+_EMPTY = torch.empty(0)  # stands for an absent A / B (the binding takes tensors, not None)
 
 
 def _check(rows, isa: str) -> None:
@@ -72,24 +72,14 @@ def _check(rows, isa: str) -> None:
         raise ValueError("the compiled CPU kernels are not available on this machine (see the warning)")
 
 
-def _empty():
-    global _EMPTY
-    if _EMPTY is None:
-        import torch
-
-        _EMPTY = torch.empty(0)
-    return _EMPTY
-
-
 def decode(x, rows, a, b, bias=None, isa: str = "auto"):
     """y = x (A B + S) + bias for few tokens x (T, in): one streaming pass over S and B, fp32 accumulation.
 
     Kept lean (one call into C++): it runs once per layer per decoded token.
     """
     _check(rows, isa)
-    empty = _empty()
-    return extension().decode(x.contiguous(), rows.mask, rows.values, rows.row_offsets, empty if a is None else a,
-                              empty if b is None else b, bias, rows.out_features, ISAS[isa])
+    return extension().decode(x.contiguous(), rows.mask, rows.values, rows.row_offsets, _EMPTY if a is None else a,
+                              _EMPTY if b is None else b, bias, rows.out_features, ISAS[isa])
 
 
 _SCRATCH = threading.local()  # per thread: two threads' prefills never share a buffer
@@ -99,8 +89,6 @@ def _scratch(numel: int, dtype):
     """A reused buffer of >= numel elements: a fresh 2 MB tensor per call is a fresh mmap, and its page faults
     cost ~300 us per 576x1536 prefill (measured: 1.04-1.22 ms vs 0.76 ms of parts). One per dtype and thread, at
     most SCRATCH_BYTES, held by the thread (not by any model) between calls."""
-    import torch
-
     bufs = _SCRATCH.__dict__.setdefault("by_dtype", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
@@ -115,12 +103,10 @@ def prefill(x, rows, a, b, bias=None, compute=None, isa: str = "auto"):
     When S and B fit in SCRATCH_BYTES they share one scratch [S; B] (in + r, out) and one GEMM with [x, x A]
     (bench: one GEMM instead of GEMM + addmm); larger layers go in row chunks of <= SCRATCH_BYTES.
     """
-    import torch
-
     _check(rows, isa)
     ext, compute = extension(), compute or x.dtype
     xc, n_in, n_out, rank = x.to(compute), rows.in_features, rows.out_features, 0 if a is None else a.shape[1]
-    elem = torch.empty((), dtype=compute).element_size()
+    elem = compute.itemsize
     if (n_in + rank) * n_out * elem <= SCRATCH_BYTES:
         scratch = _scratch((n_in + rank) * n_out, compute).view(n_in + rank, n_out)
         if rank:

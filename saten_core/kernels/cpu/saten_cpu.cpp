@@ -618,20 +618,6 @@ at::Tensor expand_rows(const at::Tensor& mask, const at::Tensor& values, const a
   return dense;
 }
 
-at::Tensor row_offsets(const at::Tensor& mask, int64_t in, int64_t out) {
-  TORCH_CHECK(out % 8 == 0 && mask.scalar_type() == at::kByte && mask.numel() * 8 >= in * out, "bad mask");
-  at::Tensor off = at::empty({in + 1}, mask.options().dtype(at::kLong));
-  int64_t* o = off.data_ptr<int64_t>();
-  const auto* bits = mask.data_ptr<uint8_t>();
-  o[0] = 0;
-  for (int64_t i = 0; i < in; ++i) {
-    int64_t c = 0;
-    for (int64_t k = 0; k < out / 8; ++k) c += __builtin_popcount(bits[i * out / 8 + k]);
-    o[i + 1] = o[i] + c;
-  }
-  return off;
-}
-
 std::string best_isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "scalar"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -639,6 +625,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expand_rows", &expand_rows, "rows [i0, i1) of the bitmask-sparse S as a dense tensor", py::arg("mask"),
         py::arg("values"), py::arg("row_offsets"), py::arg("i0"), py::arg("i1"), py::arg("out_features"),
         py::arg("dtype"), py::arg("isa"), py::arg("dest") = py::none());
-  m.def("row_offsets", &row_offsets, "per-row value offsets of a bitmask");
   m.def("best_isa", &best_isa, "the instruction set the automatic choice uses on this CPU");
 }
