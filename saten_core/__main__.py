@@ -94,21 +94,28 @@ def plan_from_args(args: argparse.Namespace):
     if kind == "prune" and (args.rank is not None or args.eps is not None):
         raise ValueError(f"{args.method} keeps weights by score: use --density or --target-ratio, not --rank/--eps")
     sized = args.target_ratio is not None or getattr(args, "target_bytes", None) is not None
-    if kind != "prune" and not sized and args.rank is None and args.eps is None:
+    if kind == "rtn" and (args.rank is not None or args.eps is not None or args.density is not None):
+        raise ValueError(f"{args.method} quantizes every weight: use --bits (and --group) or --target-ratio, "
+                         "not --rank/--eps/--density")
+    if kind == "rtn" and not sized and args.bits is None:
+        raise ValueError(f"method {args.method} needs --bits (2, 3, 4 or 8) or --target-ratio / --target-bytes")
+    if kind not in ("prune", "rtn") and not sized and args.rank is None and args.eps is None:
         raise ValueError(f"method {args.method} needs one of --target-ratio, --target-bytes, --rank or --eps")
     if kind == "prune" and not sized and args.density is None and args.structure != "2:4":
         raise ValueError(f"method {args.method} needs --density, --target-ratio or --target-bytes")
     overrides = []
     density = args.density
     if sized and density is not None:
-        if kind != "saten":
+        if kind not in ("saten", "saten-q"):
             raise ValueError(f"--density {density} conflicts with a byte target (--target-ratio / --target-bytes) "
                              f"for method {args.method}")
         overrides, density = [Override(pattern="*", density=density)], None  # fixed density, rank fills the rest
     plan = Plan(method=args.method, structure=args.structure, rank=args.rank, eps=args.eps,
                 density=0.0 if density is None else density, target_ratio=args.target_ratio,
                 lowrank_share=args.lowrank_share, order=args.order, mask_group=args.mask_group,
-                fit_rounds=args.fit_rounds, overrides=overrides, dtype=args.dtype)
+                fit_rounds=args.fit_rounds, overrides=overrides, dtype=args.dtype, bits=args.bits,
+                quant_group=args.group, symmetric=args.symmetric, quant_base=args.quant_base,
+                repair_share=args.repair_share)
     plan = with_calibration_args(plan, args)
     plan.validate()
     return plan
@@ -317,6 +324,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--fit-rounds", type=int, default=None,
                    help="saten / saten-aw: joint TT + sparse rounds after the one-shot split (default: "
                    f"{FIT_ROUNDS} for saten-aw, 0 for saten)")
+    add_quant_args(p)
     p.add_argument("--allocate", action="store_true", help="per-layer allocation (issue 3's allocator)")
     p.add_argument("--allocate-spectra", choices=["weights", "whitened"], default="weights",
                    help="what --allocate predicts errors from: the weights' spectra (default) or, for "
@@ -328,6 +336,25 @@ def add_plan_parser(sub) -> None:
                    help="deploy dtype: the original, the compressed parts and every byte count (default bfloat16)")
     add_calibration_args(p)
     p.set_defaults(func=cmd_plan)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the quantizing methods (rtn, gptq, saten-q); see saten_core/quant."""
+    from saten_core.plan import QUANT_GROUP, REPAIR_SHARE
+    from saten_core.quant.grid import BITS
+
+    p.add_argument("--bits", type=int, choices=BITS, default=None,
+                   help="rtn / gptq / saten-q: bits per weight (default: the most that fit --target-ratio; "
+                   f"saten-q leaves at least --repair-share {REPAIR_SHARE} of the budget to its repair)")
+    p.add_argument("--group", type=int, default=QUANT_GROUP,
+                   help=f"inputs per quantization group, each with a 16-bit scale (default {QUANT_GROUP}; "
+                   "0: one group per output row); must divide every planned layer's input width")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric grid (no minimum per group); default: scale + minimum, as GGUF Q4_1")
+    p.add_argument("--quant-base", choices=["rtn", "gptq"], default="rtn",
+                   help="saten-q: the quantizer whose error the TT + sparse repair fits")
+    p.add_argument("--repair-share", type=float, default=None,
+                   help="saten-q with the bits picked: least share of each layer's budget left to the repair")
 
 
 def float_above(minimum: float, *, inclusive: bool) -> Callable[[str], float]:

@@ -44,10 +44,11 @@ def source_ref(ref: str) -> str:
 
 
 def saten_layouts(model: nn.Module) -> dict[str, dict]:
-    """layout() of every SatenLinear, keyed by module name: the skeleton needed to load the state dict."""
-    from saten_core.layer import SatenLinear
+    """layout() of every compressed layer (SatenLinear, QuantLinear), keyed by module name: the skeleton needed to
+    load the state dict. A QuantLinear's repair is part of its own layout, not a layer of its own."""
+    from saten_core.models import linear_layers
 
-    return {name: m.layout() for name, m in model.named_modules() if isinstance(m, SatenLinear)}
+    return {name: m.layout() for name, m in linear_layers(model) if hasattr(m, "layout")}
 
 
 def save_compressed(loaded: Any, plan: Plan, report: dict | list[dict], out_dir: str | Path) -> dict:
@@ -140,9 +141,11 @@ def _load_weights(model: nn.Module, layouts: dict, path: Path) -> None:
     from safetensors.torch import load_file
 
     from saten_core.layer import SatenLinear
+    from saten_core.quant.layer import QuantLinear
 
     for name, layout in layouts.items():
-        _set_submodule(model, name, SatenLinear.from_layout(layout, device="meta"))
+        kind = QuantLinear if layout.get("kind") == "quant" else SatenLinear
+        _set_submodule(model, name, kind.from_layout(layout, device="meta"))
     state = load_file(str(path))
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     _tie_embeddings(model)
@@ -187,10 +190,10 @@ def set_materialized(model: nn.Module, on: bool) -> int:
 
 
 def merge_dense(model: nn.Module) -> nn.Module:
-    """Replace every SatenLinear by a plain nn.Linear holding to_dense() (and the same bias)."""
-    from saten_core.layer import SatenLinear
+    """Replace every compressed layer by a plain nn.Linear holding to_dense() (and the same bias)."""
+    from saten_core.models import linear_layers
 
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, SatenLinear)]:
+    for name, m in [(n, m) for n, m in linear_layers(model) if not isinstance(m, nn.Linear)]:
         dense = to_linear(m)
         _set_submodule(model, name, dense)
     return model

@@ -73,10 +73,13 @@ def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any, sta
                   dtype: torch.dtype | None = None) -> dict:
     """Build the SatenLinear (parts rounded to the deploy `dtype`), measure it against the dense weight, swap it in."""
     from saten_core.layer import SatenLinear
+    from saten_core.quant.layer import QuantLinear
+    from saten_core.spec import is_quantized
 
     dtype = dtype or linear.weight.dtype
     start = time.perf_counter()
-    new = SatenLinear.from_linear(linear, spec, stats=stats, dtype=dtype)
+    kind = QuantLinear if is_quantized(spec.method) else SatenLinear
+    new = kind.from_linear(linear, spec, stats=stats, dtype=dtype)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         w = linear.weight.float()
@@ -112,7 +115,8 @@ def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float,
     n_in, n_out = linear.in_features, linear.out_features
     return {
         "name": name, "shape": [n_out, n_in], "spec": new.spec.to_dict(),
-        "ranks": layout.get("ranks"), "nnz": layout.get("nnz"),
+        "ranks": layout.get("ranks") or (layout.get("repair") or {}).get("ranks"),
+        "nnz": layout.get("nnz", (layout.get("repair") or {}).get("nnz")),
         "params_before": n_in * n_out + bias_params, "params_after": new.param_count() + bias_params,
         "bytes_before": linear.weight.numel() * elem + bias_bytes,
         "bytes_after": new.stored_bytes(dtype) + bias_bytes,

@@ -61,8 +61,11 @@ class HealResult:
 
 
 def _compressed_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's SatenLinear layers (matched by name: heal does not import the layer module)."""
-    return [m for m in model.modules() if type(m).__name__ == "SatenLinear"]
+    """The model's SatenLinear and QuantLinear layers (matched by name: heal does not import the layer modules).
+
+    A QuantLinear heals its 16-bit scales and minimums with the codes fixed; saten-q's repair is a SatenLinear.
+    """
+    return [m for m in model.modules() if type(m).__name__ in ("SatenLinear", "QuantLinear")]
 
 
 def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Parameter]:
@@ -75,7 +78,7 @@ def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Par
     params = []
     for module in _compressed_layers(model):
         for name, p in module.named_parameters():
-            if p.numel() and (name == "values" or (cores and name.startswith("cores."))):
+            if p.numel() and (name in ("values", "scales", "mins") or (cores and name.startswith("cores."))):
                 p.requires_grad_(True)
                 params.append(p)
     if not params:
@@ -90,7 +93,7 @@ def param_groups(params: list[nn.Parameter], model: nn.Module, cfg: HealConfig) 
     Why: a TT core's update moves every entry of the layer's weight at once, while a kept value moves one, so
     the two may want different step sizes (docs/BENCHMARKS.md, "healing the TT cores").
     """
-    core_ids = {id(p) for m in _compressed_layers(model) for p in m.cores}
+    core_ids = {id(p) for m in _compressed_layers(model) for p in getattr(m, "cores", [])}
     cores = [p for p in params if id(p) in core_ids]
     rest = [p for p in params if id(p) not in core_ids]
     groups = [{"params": rest, "lr": cfg.lr}] if rest else []

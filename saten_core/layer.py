@@ -21,7 +21,7 @@ from saten_core.sparse import (
     topk_mask,
     unpack_mask,
 )
-from saten_core.spec import LayerSpec, needs_stats, storage_method
+from saten_core.spec import LayerSpec, is_quantized, needs_stats, storage_method
 from saten_core.tensorize import tensorize, tensorized_shape
 from saten_core.tt import capped_ranks, tt_factor_pair, tt_param_count, tt_svd
 from saten_core.whiten import whitened_tt
@@ -73,6 +73,10 @@ def predict_bytes(in_features: int, out_features: int, spec: LayerSpec, dtype: t
         33792
     """
     spec.validate(in_features, out_features)
+    if is_quantized(spec.method):
+        from saten_core.quant.layer import predict_quant_bytes
+
+        return predict_quant_bytes(in_features, out_features, spec, dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     total = 0
     if _has_lowrank(spec.method):
@@ -152,7 +156,10 @@ class SatenLinear(nn.Module):
             raise ValueError(f"scores must have shape (in, out) = ({in_f}, {out_f}), got {tuple(scores.shape)}")
         w = linear.weight.detach()
         wt = w.float().mT  # (in, out)
-        cores, residual, mask, fmt, packed = cls._fit(wt, in_f, out_f, spec, dtype or w.dtype, whiten, scores)
+        if spec.method == "sparsegpt":
+            cores, residual, mask, fmt, packed = _sparsegpt_fit(w, spec, stats)
+        else:
+            cores, residual, mask, fmt, packed = cls._fit(wt, in_f, out_f, spec, dtype or w.dtype, whiten, scores)
         layer = cls(in_f, out_f, spec, ranks=[1] + [int(g.shape[-1]) for g in cores] if cores else [],
                     nnz=int(mask.sum()) if mask is not None else 0, mask_format=fmt,
                     bias=linear.bias is not None, dtype=w.dtype, device=w.device)
@@ -505,6 +512,24 @@ def _activation_inputs(spec: LayerSpec, stats, scores: Tensor | None, in_f: int,
     if scores is None and _has_sparse(spec):
         scores = stats.column_norms.float()[:, None].expand(in_f, out_f)
     return whiten, scores
+
+
+def _sparsegpt_fit(w: Tensor, spec: LayerSpec, stats) -> tuple:
+    """([], updated weight (in, out), mask (in, out), format, packed): SparseGPT's OBS pruning of w (out, in).
+
+    The kept count per output row is kept_entries / out, so bytes are exactly what predict_bytes promised.
+    """
+    from saten_core.quant.obs import sparsegpt
+
+    n_out, n_in = w.shape
+    keep = kept_entries(n_in, n_out, spec) // n_out
+    if spec.structure != "2:4" and keep * n_out != kept_entries(n_in, n_out, spec):
+        raise ValueError(f"sparsegpt keeps the same count in every output row; use mask_group 'row' "
+                         f"(got group {spec.group!r})")
+    pruned, mask = sparsegpt(w.float(), stats.xtx, keep, nm=spec.structure == "2:4")
+    mask_t = mask.mT.contiguous()
+    fmt, packed = pack_mask(mask_t, spec.structure)
+    return [], pruned.mT.contiguous(), mask_t, fmt, packed
 
 
 def _fit_error(residual: Tensor, mask: Tensor, whiten: Tensor | None) -> float:

@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from saten_core.deploy.dtype import DEFAULT_DTYPE, LEGACY_DTYPE, check_dtype
-from saten_core.spec import GROUPS, METHODS, STRUCTURES, LayerSpec, needs_stats, storage_method
+from saten_core.spec import GROUPS, METHODS, QBASES, STRUCTURES, LayerSpec, is_quantized, needs_stats, storage_method
 
 # Calibration tokens by default: more than the widest smollm2 input (1536), so its second moment is full rank
 # before damping; 2048 tokens took 14 s on 2 idle CPU cores for all 210 layers, so 4096 take ~30 s
@@ -31,6 +31,10 @@ MASK_GROUPS = ("auto", *GROUPS)  # Plan.mask_group values; "auto" resolves per m
 # tokens and behind on 4096 (15.41 vs 14.94), at about 40x the CPU compression time; at 80% they are behind. So
 # joint fitting stays opt-in (--fit-rounds N).
 FIT_ROUNDS = 0
+# saten-q without --bits: the most bits whose quantized weight leaves at least this share of the layer's budget
+# to the TT + sparse repair (measured by bench/bench_quant.py, docs/BENCHMARKS.md "Quantization").
+REPAIR_SHARE = 0.15
+QUANT_GROUP = 64  # inputs per quantization group by default: divides every SmolLM2 and MiniLM width
 
 
 @dataclass
@@ -93,6 +97,12 @@ class Plan:
     heal_eval_every: int = 10
     heal_lm_weight: float = 0.0  # weight of next-token cross-entropy added to the KL loss
     heal_core_lr_scale: float = 1.0  # TT cores heal at heal_lr x this; 0 freezes them (kept values only)
+    # quantization (rtn, gptq, saten-q): bits per weight (None: picked by target_ratio), inputs per group
+    bits: int | None = None
+    quant_group: int = QUANT_GROUP  # 0: one group per output row
+    symmetric: bool = False  # symmetric grid, or a 16-bit minimum per group (GGUF Q4_1's layout)
+    quant_base: str = "rtn"  # saten-q: the quantizer whose error the repair fits (rtn or gptq)
+    repair_share: float | None = None  # saten-q, bits picked: least share of the budget left to the repair
 
     def torch_dtype(self) -> Any:
         """The deploy dtype as a torch.dtype (what byte budgets and the saved model use)."""
@@ -154,6 +164,7 @@ class Plan:
                                                or not isinstance(self.lowrank_share, int | float)
                                                or not 0.0 < self.lowrank_share <= 1.0):
             raise ValueError(f"lowrank_share must be in (0, 1], got {self.lowrank_share!r}")
+        self._validate_quantization()
         if self.fit_rounds is not None:
             _check_int("fit_rounds", self.fit_rounds, 0)
             if self.fit_rounds and storage_method(self.method) != "saten":
@@ -168,6 +179,23 @@ class Plan:
                 raise ValueError(f"override must be an Override, got {o!r}")
             o.validate()
         self._validate_calibration()
+
+    def _validate_quantization(self) -> None:
+        """Grid fields are checked for every plan; bits belong to the quantizing methods only."""
+        from saten_core.quant.grid import Grid
+
+        if self.quant_base not in QBASES:
+            raise ValueError(f"unknown quant_base {self.quant_base!r}; expected one of {', '.join(QBASES)}")
+        if self.repair_share is not None and (isinstance(self.repair_share, bool)
+                                              or not isinstance(self.repair_share, int | float)
+                                              or not 0.0 < self.repair_share < 1.0):
+            raise ValueError(f"repair_share must be in (0, 1), got {self.repair_share!r}")
+        Grid(8 if self.bits is None else self.bits, self.quant_group, self.symmetric).validate()
+        if self.bits is not None and not is_quantized(self.method):
+            raise ValueError(f"bits {self.bits} apply to the quantizing methods (rtn, gptq, saten-q), "
+                             f"not to {self.method!r}")
+        if self.method in ("rtn", "gptq") and self.bits is None and self.target_ratio is None:
+            raise ValueError(f"method {self.method} needs bits (2, 3, 4 or 8) or a target_ratio that picks them")
 
     def _validate_calibration(self) -> None:
         """Shape-free checks of the calibration / healing fields (HealConfig gets the same numbers)."""
@@ -251,10 +279,13 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
         density = 0.0
     if kind == "prune":
         rank, eps = None, None
-    if plan.structure == "2:4" and kind in ("saten", "prune"):
+    if kind == "rtn":
+        rank, eps, density = None, None, 0.0
+    if plan.structure == "2:4" and kind in ("saten", "prune", "saten-q"):
         density = 0.5
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order,
-                     group=mask_group(plan), fit_rounds=fit_rounds(plan))
+                     group=mask_group(plan), fit_rounds=fit_rounds(plan), bits=plan.bits,
+                     qgroup=plan.quant_group, symmetric=plan.symmetric, qbase=plan.quant_base)
 
 
 def lowrank_share(plan: Plan) -> float:
@@ -295,7 +326,7 @@ def mask_group(plan: Plan) -> str:
         return "layer"
     if plan.mask_group != "auto":
         return plan.mask_group
-    return "row" if plan.method in ("wanda", "saten-aw") else "layer"
+    return "row" if plan.method in ("wanda", "saten-aw", "sparsegpt", "saten-q") else "layer"
 
 
 def reference_plan(dtype: str | None = None) -> Plan:
@@ -321,8 +352,9 @@ def baseline_plan(plan: Plan, method: str, ratio: float | None = None) -> Plan:
         raise ValueError("a comparison at the same bytes needs the plan's byte budget: give its kept ratio "
                          f"(budget_ratio) or a target_ratio; this plan fixes rank {plan.rank}, eps {plan.eps}")
     same_storage = storage_method(method) == storage_method(plan.method)
-    sparse = storage_method(method) in ("saten", "prune")
+    sparse = storage_method(method) in ("saten", "prune", "saten-q")
     out = replace(plan, method=method, structure=plan.structure if sparse else "unstructured", target_ratio=ratio,
+                  bits=None,
                   rank=None, eps=None, density=0.0, overrides=[o for o in plan.overrides if o.skip],
                   mask_group="auto", lowrank_share=plan.lowrank_share if same_storage else None,
                   fit_rounds=plan.fit_rounds if same_storage else None)
@@ -398,7 +430,43 @@ def _fit_budget(plan: Plan, base: LayerSpec, override: Override | None, n_in: in
     """Pick the free rank / density so predict_bytes fits target_ratio * dense bytes (largest that fits)."""
     rank_fixed = override is not None and (override.rank is not None or override.eps is not None)
     density_fixed = (override is not None and override.density is not None) or plan.structure == "2:4"
+    if is_quantized(base.method):
+        share = REPAIR_SHARE if plan.repair_share is None else plan.repair_share
+        return _fit_quant(base, plan.target_ratio, lowrank_share(plan), share, rank_fixed, density_fixed, n_in,
+                          n_out, dtype)
     return _fit_cached(base, plan.target_ratio, lowrank_share(plan), rank_fixed, density_fixed, n_in, n_out, dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fit_quant(base: LayerSpec, ratio: float, share: float, repair_share: float, rank_fixed: bool,
+               density_fixed: bool, n_in: int, n_out: int, dtype) -> LayerSpec:
+    """rtn / gptq: the most bits that fit (or the given bits, checked). saten-q: bits leaving `repair_share` of
+    the budget (or the given bits), then the repair's TT rank on `share` of what is left, density on the rest."""
+    from saten_core.quant.grid import BITS, Grid, quant_bytes
+
+    budget = int(ratio * dense_weight_bytes(n_in, n_out, dtype))
+    if base.bits is None:
+        room = budget if base.method != "saten-q" else int((1 - repair_share) * budget)
+        fits = [b for b in BITS if quant_bytes(n_in, n_out, Grid(b, base.qgroup, base.symmetric), dtype.itemsize)
+                <= room]
+        if not fits:
+            raise ValueError(f"target_ratio {ratio} is too small for {base.method}: even 2-bit codes with their "
+                             f"scales exceed {room} bytes")
+        base = replace(base, bits=max(fits))
+    if base.method != "saten-q" or (rank_fixed and density_fixed):
+        return _check_fits(base, budget, n_in, n_out, dtype, ratio)
+    if rank_fixed:
+        return _largest_density(base, budget, n_in, n_out, dtype, ratio)
+    if density_fixed:
+        return _largest_rank(base, budget, n_in, n_out, dtype, ratio)
+    left = budget - quant_bytes(n_in, n_out, base.grid(), dtype.itemsize)
+    tt_budget = budget - left + int(share * left)
+    try:
+        tt = _largest_rank(replace(base, density=0.0), tt_budget, n_in, n_out, dtype, ratio)
+    except ValueError:  # a small layer: its share cannot buy rank 1; rank 1 if the whole budget can
+        tt = _largest_rank(replace(base, density=0.0), budget, n_in, n_out, dtype, ratio)
+        tt = replace(tt, rank=1)
+    return _largest_density(replace(base, rank=tt.rank), budget, n_in, n_out, dtype, ratio)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-METHODS = ("saten", "tt", "svd", "prune", "saten-aw", "svd-w", "wanda")
+METHODS = ("saten", "tt", "svd", "prune", "saten-aw", "svd-w", "wanda", "rtn", "gptq", "sparsegpt", "saten-q")
+QUANT_METHODS = ("rtn", "gptq", "saten-q")  # a quantized weight (QuantLinear); saten-q adds a TT + sparse repair
+QBASES = ("rtn", "gptq")  # how saten-q quantizes before repairing
 STRUCTURES = ("unstructured", "2:4")
 GROUPS = ("layer", "row")  # where an unstructured top-k compares scores: the whole layer, or each output row
 # Activation-aware methods store exactly what their data-free counterpart stores (same tensors, same bytes);
 # only *which* values are chosen depends on the calibration inputs (whitened low-rank part, input-norm-scored mask).
-ACTIVATION_AWARE = {"saten-aw": "saten", "svd-w": "svd", "wanda": "prune"}
+ACTIVATION_AWARE = {"saten-aw": "saten", "svd-w": "svd", "wanda": "prune", "gptq": "rtn", "sparsegpt": "prune"}
 
 
 def storage_method(method: str) -> str:
@@ -18,8 +20,14 @@ def storage_method(method: str) -> str:
 
 
 def needs_stats(method: str) -> bool:
-    """True when compressing with `method` needs calibration input statistics of the layer."""
-    return method in ACTIVATION_AWARE
+    """True when compressing with `method` needs calibration input statistics of the layer (saten-q: its repair
+    is a whitened TT and an input-norm-scored residual, as in saten-aw)."""
+    return method in ACTIVATION_AWARE or method == "saten-q"
+
+
+def is_quantized(method: str) -> bool:
+    """True when the method stores a quantized weight (QuantLinear) rather than a SatenLinear."""
+    return method in QUANT_METHODS
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,10 @@ class LayerSpec:
     order: int = 2  # modes per side of the tensorisation
     group: str = "layer"  # unstructured top-k over the whole layer, or the same count in every output row
     fit_rounds: int = 0  # joint fitting after the one-shot split: TT refit on W - S, mask re-chosen on W - TT
+    bits: int | None = None  # rtn / gptq / saten-q: bits per quantized weight
+    qgroup: int = 64  # inputs per quantization group (0: one group per output row)
+    symmetric: bool = False  # symmetric grid (no minimum) or scale + minimum per group
+    qbase: str = "rtn"  # saten-q: the quantizer whose error the repair fits (rtn or gptq)
 
     def validate(self, in_features: int | None = None, out_features: int | None = None) -> None:
         """Raise ValueError naming the first bad value."""
@@ -59,8 +71,20 @@ class LayerSpec:
             raise ValueError(f"order must be >= 1, got {self.order!r}")
         if isinstance(self.fit_rounds, bool) or not isinstance(self.fit_rounds, int) or self.fit_rounds < 0:
             raise ValueError(f"fit_rounds must be an integer >= 0, got {self.fit_rounds!r}")
+        if self.qbase not in QBASES:
+            raise ValueError(f"unknown qbase {self.qbase!r}; expected one of {', '.join(QBASES)}")
+        if is_quantized(self.method):
+            self.grid().validate(in_features)
         if in_features is not None and out_features is not None:
             self._validate_shape(in_features, out_features)
+
+    def grid(self):
+        """The quantization grid of a quantizing method (ValueError when bits are missing)."""
+        from saten_core.quant.grid import Grid
+
+        if self.bits is None:
+            raise ValueError(f"method {self.method} needs bits (2, 3, 4 or 8)")
+        return Grid(self.bits, self.qgroup, self.symmetric)
 
     def _validate_shape(self, in_features: int, out_features: int) -> None:
         max_rank = min(in_features, out_features)

@@ -1,0 +1,1 @@
+"""Weight quantization: round-to-nearest grids, bit packing, the shared OBS solver (GPTQ, SparseGPT), QuantLinear."""
