@@ -125,6 +125,35 @@ def layer_names(ref: str) -> list[str]:
     return [name for name, _ in linear_layers(_load(ref).model)]
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def gguf_source(ref: str) -> dict | None:
+    """What a GGUF-derived model was stored as (saten_core.quant.source.source_quantization), or None: float
+    weights, or a source that cannot be read (then nothing is claimed about it)."""
+    from saten_core.quant.source import source_quantization
+
+    try:
+        return source_quantization(ref)
+    except (ValueError, OSError):
+        return None
+
+
+def show_source(ref: str) -> None:
+    """The Model page's 'Source weights' section: the GGUF tensor types and what they mean (nothing for float
+    checkpoints)."""
+    import pandas as pd
+
+    from saten_core.quant.source import source_note, source_table
+
+    source = gguf_source(ref)
+    if source is None:
+        return
+    st.subheader("Source weights")
+    kinds = ", ".join(source["block_linear_types"])
+    st.metric("Block linears as stored in the source", f"{source['bits_per_weight']:.1f} bits/weight ({kinds})")
+    st.dataframe(pd.DataFrame(source_table(source)), hide_index=True, key="model_source_types")
+    st.caption(source_note(source))
+
+
 def library(name: str, what: str) -> ModuleType | None:
     """Import saten_core.<name>, or say the feature is still being built (never fake its result)."""
     try:

@@ -4,7 +4,16 @@ import pandas as pd
 import streamlit as st
 
 from saten_core.deploy.dtype import DTYPES
-from studio_ui import DEFAULT_MODEL, DTYPE_KEY, MODEL_KEY, deploy_dtype, human_bytes, loaded_model, model_ref
+from studio_ui import (
+    DEFAULT_MODEL,
+    DTYPE_KEY,
+    MODEL_KEY,
+    deploy_dtype,
+    human_bytes,
+    loaded_model,
+    model_ref,
+    show_source,
+)
 
 st.title("Model")
 
@@ -13,7 +22,7 @@ st.title("Model")
 def embedded() -> pd.DataFrame:
     from saten_core.models import list_models
 
-    return pd.DataFrame(list_models())
+    return pd.DataFrame(list_models()).drop(columns=["source_quantization"], errors="ignore")  # shown below
 
 
 models = embedded()
@@ -59,4 +68,5 @@ cols[3].metric("Kind", lm.kind)
 arch = ", ".join(getattr(lm.config, "architectures", None) or [type(lm.model).__name__])
 st.write(f"**{lm.name}** — architecture `{arch}`, loaded at the deploy dtype {dtype}.")
 st.dataframe(table, hide_index=True, width="stretch", height=360)
+show_source(ref)
 st.success("Next: open **Spectrum** to see which layers are compressible, or **Plan** to set a budget.")

@@ -7,7 +7,7 @@ import streamlit as st
 
 from saten_core import charts
 from saten_core.answers import DEFAULT_PROMPT, MAX_NEW_TOKENS, compare_answers
-from studio_ui import library, show_error
+from studio_ui import gguf_source, library, show_error
 
 st.title("Results")
 jobs = library("jobs", "The job queue")
@@ -35,9 +35,15 @@ st.caption("Speed: compressed / original time per token, interleaved in one proc
 compressed = mine[~mine["baseline"]]
 original = charts.reference_point(runs, model)
 ref, cast = charts.sized(original, size_column), charts.sized(charts.free_cast_point(original), size_column)
+source_line = charts.source_line(original, gguf_source(model), size_column)
 a, b = st.columns(2)
 a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity",
-                                     extra=[cast] if cast else []), key="tradeoff_size")
+                                     extra=[cast] if cast else [], lines=[source_line] if source_line else []),
+               key="tradeoff_size")
+if source_line:
+    a.caption(f"The dotted line is the **{source_line['label']}**: this model was dequantised from a GGUF whose "
+              "block linears already took that many bits, so only runs left of it are smaller than the file it "
+              "came from (the rest of the model counted at the deploy dtype, as in the runs).")
 if cast:
     a.caption(f"These runs are stored in float32: **{charts.CAST_LABEL}** halves the original's bytes with no "
               "compression, drawn at the float32 original's perplexity. Compression has to beat that point.")

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from saten_core import charts
+from saten_core.quant.source import source_label
 from saten_core.report import ReportInput, decision_line, dollars, headline, to_html, to_markdown
 from saten_core.roi import (
     GPU_CATALOG,
@@ -18,7 +19,7 @@ from saten_core.roi import (
     missing_measurement,
     roi_table,
 )
-from studio_ui import library, loaded_model, show_error
+from studio_ui import gguf_source, library, loaded_model, show_error
 
 st.title("ROI")
 jobs = library("jobs", "The job queue")
@@ -107,6 +108,10 @@ def show_term(col, roi: RoiResult, key: str) -> None:
 st.subheader("Outcome")
 for note in terms.notes:
     st.info(note, icon=":material/info:")
+if (source := gguf_source(run["model"])) is not None:
+    st.info(f"{run['model']} was dequantised from a GGUF ({source_label(source)}): the sizes and savings here are "
+            "against its copy at the deploy dtype, and the report's size chart draws the source's own size as a "
+            "dotted line.", icon=":material/info:")
 if terms.short.speedup < 1:
     st.warning(f"This compressed model is SLOWER than the original ({terms.short.speed}) on {run['device']}: "
                "today it needs more replicas, not fewer.")
@@ -122,8 +127,9 @@ def report_input() -> ReportInput:
     mine, column, title = charts.with_size_mib(runs[runs["model"] == run["model"]])
     ref = charts.reference_point(runs, run["model"])
     cast = charts.sized(charts.free_cast_point(ref), column)
+    line = charts.source_line(ref, gguf_source(run["model"]), column)
     figure = charts.tradeoff_chart(mine[~mine["baseline"]], "size (MiB)", "ppl", charts.sized(ref, column), title,
-                                   "perplexity", extra=[cast] if cast else [])
+                                   "perplexity", extra=[cast] if cast else [], lines=[line] if line else [])
     cols = ["label", "method", "device", "dtype", "size (MiB)", "ppl", "kl", "top1_agreement", "decode_ms",
             "decode_ratio", "resident_bytes", "slower"]
     return ReportInput(title=f"Saten compression of {run['model']}: cost and benefit", run_label=run["label"],

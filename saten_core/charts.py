@@ -111,11 +111,13 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str) -> pd.Series:
 
 def tradeoff_chart(df: pd.DataFrame, x: str, y: str, reference: dict | None = None,
                    x_title: str | None = None, y_title: str | None = None,
-                   extra: Sequence[dict] = ()) -> go.Figure:
+                   extra: Sequence[dict] = (), lines: Sequence[dict] = ()) -> go.Figure:
     """Runs as points coloured by method, the Pareto front as a line, the original model as a star.
 
     df needs columns `label`, `method`, x and y; `reference` is {x: .., y: ..} of the original model; each of
-    `extra` ({x: .., y: .., "label": ..}) is another reference drawn as a labelled diamond (e.g. free_cast_point).
+    `extra` ({x: .., y: .., "label": ..}) is another reference drawn as a labelled diamond (e.g. free_cast_point);
+    each of `lines` ({x: .., "label": ..}) is a size with no quality of its own, drawn as a labelled vertical line
+    (e.g. source_line: the GGUF source's own size).
     """
     _need(df, ["label", "method", x, y])
     fig = go.Figure()
@@ -134,6 +136,9 @@ def tradeoff_chart(df: pd.DataFrame, x: str, y: str, reference: dict | None = No
         fig.add_trace(go.Scatter(x=[point[x]], y=[point[y]], mode="markers", name=point["label"],
                                  marker={"symbol": "diamond", "size": 13, "color": "silver",
                                          "line": {"color": "black", "width": 1}}))
+    for line in lines:
+        fig.add_vline(x=line[x], line_dash="dot", line_color="firebrick", annotation_text=line["label"],
+                      annotation_position="top left", name=line["label"])
     return _layout(fig, f"{y_title or y} vs {x_title or x}", x_title or x, y_title or y)
 
 
@@ -367,6 +372,30 @@ def free_cast_point(reference: dict | None) -> dict | None:
         return None
     half = {k: None if is_missing(reference[k]) else reference[k] / 2 for k in ("bytes_after", "model_bytes_after")}
     return {**reference, **half, "decode_ms": None, "dtype": "bfloat16", "label": CAST_LABEL}
+
+
+def source_line(reference: dict | None, source: dict | None, column: str) -> dict | None:
+    """The GGUF source's own size on with_size_mib's axis ({column, "size (MiB)", "label"}), or None.
+
+    The block linears at the source's bits/weight, everything else as the run counted it: on the whole-model axis
+    (model_bytes_after) the source's block-linear parameters leave the original's bytes at the deploy dtype; on
+    the changed-layers axis (bytes_after) the changed layers, all block linears, shrink to the source's size.
+    None without a source, a reference, its dtype, or when the source's block linears do not fit the original.
+    """
+    from saten_core.deploy.dtype import ITEMSIZE
+    from saten_core.quant.source import source_label, source_model_bytes
+
+    if source is None or reference is None or not source.get("bits_per_weight"):
+        return None
+    item = ITEMSIZE.get(reference.get("dtype"))
+    total = reference.get(column)
+    if item is None or is_missing(total):
+        return None
+    block = int(total) if column == "bytes_after" else int(source["block_linear_params"]) * item
+    if block > int(total):
+        return None
+    size = source_model_bytes(int(total), block, float(source["bits_per_weight"]), 8 * item)
+    return sized({column: size, "label": source_label(source)}, column)
 
 
 def sized(point: dict | None, column: str) -> dict | None:

@@ -357,18 +357,22 @@ def count_params(config: Any, kind: str) -> int:
 @functools.lru_cache(maxsize=1)
 def _registry_rows() -> tuple[str, ...]:
     """Registry rows as JSON strings (memoised: reading GGUF metadata takes seconds)."""
+    from saten_core.quant.source import source_quantization
+
     rows = []
     for entry in REGISTRY.values():
         cfg = _registry_config(entry.name)
         source = (f"embedded: {entry.package} ({SMOLLM_GGUF})" if entry.name == "smollm2-135m"
                   else f"embedded: {entry.package}/model (safetensors)")
         rows.append(json.dumps({"name": entry.name, "kind": entry.kind, "params": count_params(cfg, entry.kind),
-                                "source": source, "description": entry.description}))
+                                "source": source, "description": entry.description,
+                                "source_quantization": source_quantization(entry.name)}))
     return tuple(rows)
 
 
 def list_models() -> list[dict]:
-    """Embedded models with name, kind, params, source, description (fresh dicts each call)."""
+    """Embedded models with name, kind, params, source, description and source_quantization (the GGUF tensor
+    types of a GGUF-derived model, else None; see saten_core.quant.source), fresh dicts each call."""
     return [json.loads(r) for r in _registry_rows()]
 
 
