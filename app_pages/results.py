@@ -13,7 +13,8 @@ st.title("Results")
 jobs = library("jobs", "The job queue")
 if jobs is None:
     st.stop()
-runs = charts.runs_frame([j.to_dict() for j in jobs.list_jobs(status="succeeded") if j.task == "compress"])
+finished = [j.to_dict() for j in jobs.list_jobs(status="succeeded") if j.task == "compress"]
+runs = charts.runs_frame(finished)
 if runs.empty:
     st.info("No finished run yet: submit one on the Run page (or start the demo on Home).")
     st.stop()
@@ -35,7 +36,8 @@ st.caption("Speed: compressed / original time per token, interleaved in one proc
 compressed = mine[~mine["baseline"]]
 original = charts.reference_point(runs, model)
 ref, cast = charts.sized(original, size_column), charts.sized(charts.free_cast_point(original), size_column)
-source_line = charts.source_line(original, gguf_source(model), size_column)
+source = gguf_source(model)
+source_line = charts.source_line(original, source, size_column)
 a, b = st.columns(2)
 a.plotly_chart(charts.tradeoff_chart(compressed, "size (MiB)", "ppl", ref, size_title, "perplexity",
                                      extra=[cast] if cast else [], lines=[source_line] if source_line else []),
@@ -44,6 +46,10 @@ if source_line:
     a.caption(f"The dotted line is the **{source_line['label']}**: this model was dequantised from a GGUF whose "
               "block linears already took that many bits, so only runs left of it are smaller than the file it "
               "came from (the rest of the model counted at the deploy dtype, as in the runs).")
+artefacts = charts.grid_artefacts([j for j in finished if j["model_ref"] == model], source)
+if artefacts:
+    st.warning("Quantized on a GGUF-derived model: " + "; ".join(f"run #{i}: {n}" for i, n in artefacts.items()),
+               icon=":material/warning:")
 if cast:
     a.caption(f"These runs are stored in float32: **{charts.CAST_LABEL}** halves the original's bytes with no "
               "compression, drawn at the float32 original's perplexity. Compression has to beat that point.")

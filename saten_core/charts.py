@@ -398,6 +398,31 @@ def source_line(reference: dict | None, source: dict | None, column: str) -> dic
     return sized({column: size, "label": source_label(source)}, column)
 
 
+def grid_artefacts(jobs: Sequence[dict], source: dict | None) -> dict[int, str]:
+    """Job id -> grid_artefact note for each finished quantizing run (rtn, gptq, saten-q) on a GGUF source.
+
+    Read from the grids its layers were given (report layers' specs), so bits a target_ratio picked count too;
+    runs whose layers use several grids get their distinct notes joined.
+    """
+    import json
+
+    from saten_core.quant.source import grid_artefact
+    from saten_core.spec import is_quantized
+
+    if source is None:
+        return {}
+    out = {}
+    for job in jobs:
+        result = json.loads(job["result_json"]) if job.get("result_json") else {}
+        specs = [layer.get("spec") or {} for layer in result.get("layers") or []]
+        grids = {(int(s["bits"]), int(s.get("qgroup", 64)), bool(s.get("symmetric", False)))
+                 for s in specs if is_quantized(s.get("method", "")) and s.get("bits")}
+        notes = sorted({note for grid in grids if (note := grid_artefact(source, *grid))})
+        if notes:
+            out[int(job["id"])] = "; ".join(notes)
+    return out
+
+
 def sized(point: dict | None, column: str) -> dict | None:
     """A reference point with `size (MiB)` from its `column` bytes, matching with_size_mib's axis."""
     if point is None or is_missing(point.get(column)):

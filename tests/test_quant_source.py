@@ -233,6 +233,22 @@ def test_tradeoff_chart_draws_the_source_line_only_when_given():
     assert plain.layout.shapes == () and plain.layout.annotations == ()
 
 
+def _quant_job(id_: int, *specs: dict) -> dict:
+    layers = [{"name": f"model.layers.{i}.mlp.up_proj", "spec": spec} for i, spec in enumerate(specs)]
+    return {"id": id_, "result_json": json.dumps({"layers": layers})}
+
+
+def test_grid_artefacts_read_the_grids_the_layers_were_given():
+    rtn = {"method": "rtn", "bits": 4, "qgroup": 32, "symmetric": False}
+    jobs = [_quant_job(1, rtn), _quant_job(2, {**rtn, "bits": 3}), _quant_job(3, {"method": "saten", "rank": 8}),
+            _quant_job(4, {**rtn, "method": "saten-q", "qgroup": 64}, {**rtn, "method": "saten-q"}),
+            {"id": 5, "result_json": None}]
+    notes = charts.grid_artefacts(jobs, Q4_1_SOURCE)
+    assert set(notes) == {1, 4} and notes[1].startswith("int4 g32 asym on a Q4_1 source: an artefact")
+    assert "int4 g64 asym" in notes[4] and "int4 g32 asym" in notes[4]  # two grids, two notes
+    assert charts.grid_artefacts(jobs, None) == {}
+
+
 # ---------------------------------------------------------------- pages
 
 def page(path: str, **state) -> AppTest:
@@ -243,8 +259,9 @@ def page(path: str, **state) -> AppTest:
     return at.switch_page(path).run()
 
 
-def gguf_runs(monkeypatch, tmp_path, model: str) -> list[int]:
-    """A fresh job store with a reference job and an evaluated compressed run of `model` (crafted numbers)."""
+def gguf_runs(monkeypatch, tmp_path, model: str, layers: list[dict] | None = None) -> list[int]:
+    """A fresh job store with a reference job and an evaluated compressed run of `model` (crafted numbers; the
+    run's report holds `layers`)."""
     from saten_core.jobs import store
 
     monkeypatch.setenv("SATEN_HOME", str(tmp_path / "home"))
@@ -257,7 +274,7 @@ def gguf_runs(monkeypatch, tmp_path, model: str) -> list[int]:
              {"eval": {"ppl_original": 15.0}, "totals": {"dtype": "bfloat16"}}),
             (Plan(method="saten", target_ratio=0.6), {"bytes_before": 800 * MIB, "bytes_after": 400 * MIB,
                                                       "ppl": 15.3, "decode_ms_per_token": 9.0},
-             {"eval": evaluated, "totals": totals})]
+             {"eval": evaluated, "totals": totals, "layers": layers or []})]
     ids = []
     for plan, columns, result in jobs:
         job_id = store.insert_job(model, plan.to_json(), eval_settings={"evaluate": True}, device="cpu")
@@ -269,9 +286,12 @@ def gguf_runs(monkeypatch, tmp_path, model: str) -> list[int]:
 
 
 def test_results_and_roi_pages_draw_and_name_the_gguf_source(gguf_dir, monkeypatch, tmp_path):
-    gguf_runs(monkeypatch, tmp_path, str(gguf_dir))
+    spec = {"method": "rtn", "bits": 4, "qgroup": 32, "symmetric": False}
+    ids = gguf_runs(monkeypatch, tmp_path, str(gguf_dir), layers=[{"name": "model.layers.0.mlp.up_proj",
+                                                                    "spec": spec, "rel_error": 0.01}])
     at = page("app_pages/results.py")
     assert not at.exception, [e.value for e in at.exception]
+    assert any(f"run #{ids[1]}: int4 g32 asym on a Q4_1 source: an artefact" in w.value for w in at.warning)
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)  # plotly's JSON escapes "/"
     assert [a["text"] for a in spec["layout"]["annotations"]] == ["Q4_1 source (5.0 bits/weight)"]
     assert any("Q4_1 source (5.0 bits/weight)" in c.value for c in at.caption)
@@ -285,6 +305,7 @@ def test_results_page_of_a_float_model_has_no_source_line(monkeypatch, tmp_path,
     at = page("app_pages/results.py")
     assert not at.exception, [e.value for e in at.exception]
     assert "annotations" not in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
+    assert not any("GGUF" in w.value for w in at.warning)
 
 
 def test_model_page_of_a_float_folder_shows_no_source(tiny_llama_dir):
