@@ -25,6 +25,10 @@ METHOD_LABELS = {
     "svd-w": "Whitened SVD, activation-aware (baseline)",
     "prune": "Magnitude pruning (baseline)",
     "wanda": "Wanda pruning, activation-aware (baseline)",
+    "rtn": "Round-to-nearest quantization (baseline)",
+    "gptq": "GPTQ quantization, activation-aware (baseline)",
+    "sparsegpt": "SparseGPT pruning, activation-aware (baseline)",
+    "saten-q": "Saten repairing quantization: int codes + TT + sparse",
 }
 
 
@@ -182,3 +186,13 @@ def human_bytes(n: float | None) -> str:
 def model_caption() -> None:
     """Remind the user which model the page is about."""
     st.caption(f"Model: `{model_ref()}` — change it on the Model page.")
+
+
+def grid_note(ref: str, rows: list[dict]) -> str | None:
+    """The grid-artefact warning for a plan's quantized layers on a GGUF-derived model, or None (first grid seen)."""
+    from saten_core.quant.source import grid_artefact
+
+    spec = next((r["spec"] for r in rows if r.get("spec") and r["spec"].get("bits")), None)
+    if spec is None:
+        return None
+    return grid_artefact(gguf_source(ref), spec["bits"], spec["qgroup"], spec["symmetric"])

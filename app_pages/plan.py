@@ -12,6 +12,7 @@ from saten_core.plan import (
     JOINT_SHARE_MAX_RATIO,
     LOWRANK_SHARE,
     MASK_GROUPS,
+    QUANT_GROUP,
     Override,
     Plan,
     dry_run,
@@ -20,10 +21,11 @@ from saten_core.plan import (
     predicted_model_bytes,
     ratio_for_model_bytes,
 )
-from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES, storage_method
+from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES, is_quantized, storage_method
 from studio_ui import (
     PLAN_KEY,
     deploy_dtype,
+    grid_note,
     human_bytes,
     library,
     loaded_model,
@@ -163,6 +165,19 @@ else:
     settings["density"] = s2.slider("Residual / weight density (1 - sparsity)", 0.0, 1.0, 0.05, 0.01,
                                     key="plan_density")
 
+if is_quantized(method):
+    q1, q2, q3 = st.columns(3)
+    bits = q1.selectbox("Bits per weight", ["auto", 8, 4, 3, 2], key="plan_bits",
+                        help="auto: the most bits that fit the budget (saten-q leaves a share to its repair)")
+    qgroup = q2.number_input("Inputs per quantization group (0 = per row)", 0, 4096, QUANT_GROUP, 16,
+                             key="plan_qgroup", help="each group has a 16-bit scale (and minimum); it must divide "
+                             "every layer's input width")
+    symmetric = q3.toggle("Symmetric grid (no minimum)", False, key="plan_symmetric")
+    settings.update(bits=None if bits == "auto" else int(bits), quant_group=int(qgroup), symmetric=symmetric)
+    if method == "saten-q":
+        settings["quant_base"] = q3.radio("Repair the error of", ["rtn", "gptq"], horizontal=True,
+                                          key="plan_quant_base")
+
 st.subheader("Per-layer overrides")
 st.caption("Pattern is an fnmatch on the layer name, e.g. `*.layers.0.*` or `*mlp.down_proj`. Blank = plan value.")
 if "plan_overrides" not in st.session_state:
@@ -178,6 +193,8 @@ except (ValueError, TypeError) as exc:
     show_error(exc)
     st.stop()
 st.session_state[PLAN_KEY] = plan.to_json()
+if note := grid_note(model_ref(), rows):
+    st.warning(note, icon=":material/warning:")
 
 totals = dry_run_totals(rows)
 m = st.columns(5)
@@ -196,6 +213,9 @@ data = spectra_if_ready(model_ref())
 if data is None:
     st.info("Predicted per-layer error, multiply-adds and budget allocation need the all-layer spectra: "
             "compute them once on the Spectrum page.", icon=":material/insights:")
+elif is_quantized(plan.method) or plan.method == "sparsegpt":
+    st.info("The spectrum preview predicts TT and sparse errors only; quantization and SparseGPT's weight updates "
+            "are measured when the plan runs (Run page).", icon=":material/info:")
 elif (preview := library("preview", "Per-layer predicted error")) is not None:
     pv = preview.preview(plan, data)
     m[3].caption(f"Multiply-adds per token: {pv['totals']['macs_per_token'] / pv['totals']['macs_before']:.1%} "

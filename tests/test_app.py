@@ -196,6 +196,29 @@ def test_plan_mask_group_reaches_the_plan_and_the_bytes(tiny_llama_dir):
     assert metric(at, "Predicted bytes") != auto
 
 
+def test_plan_quantization_controls_reach_the_plan_and_the_bytes(tiny_llama_dir):
+    """rtn / saten-q: bits, group and symmetry are plan fields; the bytes follow the bits; no spectrum preview."""
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_method="rtn")
+    no_exception(at)
+    at.slider(key="plan_target").set_value(0.3).run()
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert (plan.method, plan.bits, plan.quant_group, plan.symmetric) == ("rtn", None, 64, False)
+    auto = metric(at, "Predicted bytes")
+    at.selectbox(key="plan_bits").set_value(2).run()
+    at.toggle(key="plan_symmetric").set_value(True).run()
+    no_exception(at)
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert (plan.bits, plan.symmetric) == (2, True) and metric(at, "Predicted bytes") != auto
+    at.number_input(key="plan_qgroup").set_value(48).run()  # does not divide the tiny model's width 64
+    assert any("group 48 does not divide the input width 64" in e.value for e in at.error)
+    at.number_input(key="plan_qgroup").set_value(32).run()
+    at.selectbox(key="plan_method").set_value("saten-q").run()
+    at.radio(key="plan_quant_base").set_value("gptq").run()
+    no_exception(at)
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert (plan.method, plan.quant_base, plan.quant_group) == ("saten-q", "gptq", 32)
+
+
 def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
     at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
     no_exception(at)
