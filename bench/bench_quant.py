@@ -1,0 +1,126 @@
+"""Bench: quantization baselines (rtn, gptq), SparseGPT, Wanda, saten-aw and saten-q at equal bf16 bytes.
+
+Run: PYTHONPATH=. .venv/bin/python bench/bench_quant.py --model smollm2-135m --tokens 4096 \
+         --out docs/benchmarks/quant_smollm2.jsonl
+     PYTHONPATH=. .venv/bin/python bench/bench_quant.py --model minilm-l6 --out docs/benchmarks/quant_minilm.jsonl
+Budgets are fractions of the 16-bit block-linear bytes. Each row is appended to --out when done and skipped on a
+rerun with the same --out. The model is loaded at bf16 (the deploy dtype), compressed in fp32 with statistics
+collected once on the original (plan.calib_tokens of the calibration half), cast back to bf16 and measured against
+the bf16 original on the held-out half: perplexity / KL / top-1 (decoders) or embedding cosine (encoders), the
+stored bytes (codes, scales, minimums, masks, cores, values, all counted) and the resident bytes of the block
+linears (every tensor the layers hold between calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from saten_core.build import collect_stats, compress_loaded
+from saten_core.deploy.memory import resident_bytes
+from saten_core.models import linear_layers, load_model, to_working_precision, working_precision
+from saten_core.pipeline import evaluate_pair, held_out_text
+from saten_core.plan import Plan
+
+RATIOS = (0.5, 0.31, 0.25, 0.19)
+FIXED = [  # (label, plan fields): the grids a user would try first
+    ("rtn int8", {"method": "rtn", "bits": 8, "quant_group": 0, "symmetric": True}),
+    ("rtn int4 g64 sym", {"method": "rtn", "bits": 4, "quant_group": 64, "symmetric": True}),
+    ("rtn int3 g64 sym", {"method": "rtn", "bits": 3, "quant_group": 64, "symmetric": True}),
+    ("gptq int8", {"method": "gptq", "bits": 8, "quant_group": 0, "symmetric": True}),
+    ("gptq int4 g64 sym", {"method": "gptq", "bits": 4, "quant_group": 64, "symmetric": True}),
+    ("gptq int3 g64 sym", {"method": "gptq", "bits": 3, "quant_group": 64, "symmetric": True}),
+    ("sparsegpt 50%", {"method": "sparsegpt", "target_ratio": 0.5}),
+    ("wanda 50%", {"method": "wanda", "target_ratio": 0.5}),
+]
+
+
+INT4_G64, INT3_G64 = (4 / 8 + 2 / 64) / 2, (3 / 8 + 2 / 64) / 2  # rtn int4 / int3 g64 sym: kept share of bf16
+
+
+def configs(ratios: list[float]) -> list[tuple[str, dict]]:
+    """Fixed baselines, saten-aw and saten-q (bits picked, gptq base) per budget, the rtn base once, and saten-q
+    variants at exactly the bytes of rtn int4 / int3 g64 that trade the 64-input groups for a repair."""
+    rows = list(FIXED)
+    for r in ratios:
+        rows.append((f"saten-aw {r:.0%}", {"method": "saten-aw", "target_ratio": r}))
+        rows.append((f"saten-q {r:.0%}", {"method": "saten-q", "target_ratio": r, "symmetric": True,
+                                          "quant_base": "gptq"}))
+    rows.append(("saten-q 25% (rtn base)", {"method": "saten-q", "target_ratio": 0.25, "symmetric": True}))
+    for name, ratio, variants in (("int4", INT4_G64, [(4, 0), (4, 128)]), ("int3", INT3_G64, [(3, 0), (3, 128),
+                                                                                              (2, 64)])):
+        for bits, group in variants:
+            rows.append((f"saten-q at {name} g64 bytes: int{bits} g{group} + repair",
+                         {"method": "saten-q", "target_ratio": ratio, "bits": bits, "quant_group": group,
+                          "symmetric": True, "quant_base": "gptq"}))
+    return rows
+
+
+def block_resident(model: torch.nn.Module) -> int:
+    return sum(resident_bytes(m) for _, m in linear_layers(model))
+
+
+def run(base, stats, label: str, fields: dict, args) -> dict:
+    plan = Plan(**fields)
+    loaded = copy.copy(base)
+    loaded.model = copy.deepcopy(base.model)
+    row = {"label": label, "plan": json.loads(plan.to_json())}
+    start = time.perf_counter()
+    try:
+        info = compress_loaded(loaded, plan, stats=stats)
+    except ValueError as err:
+        return {**row, "infeasible": str(err)}
+    row["compress_s"] = time.perf_counter() - start
+    layers = info["layers"]
+    before = sum(r["bytes_before"] for r in layers)
+    row.update(bytes_before=before, bytes_after=sum(r["bytes_after"] for r in layers))
+    row["ratio"] = row["bytes_after"] / before
+    row["bits_per_weight"] = 16 * row["ratio"]
+    row["grids"] = sorted({(r["spec"].get("bits"), r["spec"].get("qgroup")) for r in layers if r["spec"].get("bits")})
+    loaded.model.to(torch.bfloat16)
+    row["resident_bytes"] = block_resident(loaded.model)
+    with working_precision(base.model, loaded.model):
+        row["eval"] = evaluate_pair(base, loaded, text=args.text, tokens=args.tokens)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    args.text = held_out_text(None)
+    out = Path(args.out)
+    done = {json.loads(line)["label"] for line in out.read_text().splitlines()} if out.exists() else set()
+    base = load_model(args.model, dtype=torch.bfloat16)
+    to_working_precision(base.model)
+    stats = collect_stats(base, Plan(method="saten-aw", target_ratio=0.5))
+    base.model.to(torch.bfloat16)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor()
+            or platform.machine(), "torch": torch.__version__, "model": args.model, "tokens": args.tokens}
+    for label, fields in configs(args.ratios):
+        if label in done or (args.only and label not in args.only):
+            continue
+        to_working_precision(base.model)
+        row = {**run(base, stats, label, fields, args), **meta}
+        base.model.to(torch.bfloat16)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        ev = row.get("eval", {})
+        print(f"{label}: {row.get('ratio', float('nan')):.3f} ppl {ev.get('ppl')} kl {ev.get('kl')} "
+              f"sim {ev.get('embedding_similarity')} {row.get('infeasible', '')}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
