@@ -381,3 +381,26 @@ def test_torchao_skips_a_layer_the_group_does_not_divide_and_we_refuse_it():
     assert skipped
     with pytest.raises(ValueError, match="group 128 does not divide the input width 576"):
         QuantLinear.from_linear(nn.Linear(576, 32), LayerSpec(method="rtn", bits=4, qgroup=128))
+
+
+# ---- the embedded SmolLM2 is Q4_1: a 4-bit asymmetric g32 RTN reproduces it (the artefact users must see) ----
+
+@pytest.mark.slow
+def test_rtn_int4_g32_asym_reproduces_the_q4_1_source():
+    from saten_core.models import linear_layers, load_model
+    from saten_core.quant.source import grid_artefact, source_quantization
+
+    source = source_quantization("smollm2-135m")
+    assert source["block_linear_types"] == {"Q4_1": 210} and source["bits_per_weight"] == 5.0
+    layers = dict(linear_layers(load_model("smollm2-135m", dtype=torch.float32).model))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.7.mlp.down_proj", "model.layers.29.mlp.up_proj"):
+        w = layers[name].weight.detach()
+        aligned, other = Grid(4, 32, False), Grid(4, 64, True)
+        exact = dequantize(*_codes_grid(round_to_nearest(w, aligned, torch.float16), aligned))
+        plain = dequantize(*_codes_grid(round_to_nearest(w, other, torch.float16), other))
+        err_aligned = ((exact - w).norm() / w.norm()).item()
+        err_other = ((plain - w).norm() / w.norm()).item()
+        assert err_aligned < 2e-3, name  # only fp16 rounding of the recomputed scales is left
+        assert err_other > 30 * err_aligned, name  # an unaligned 4-bit grid pays the full quantization error
+    assert "artefact" in grid_artefact(source, 4, 32, False)
+    assert "artefact" not in (grid_artefact(source, 4, 64, True) or "")
