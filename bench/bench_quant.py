@@ -68,18 +68,25 @@ def block_resident(model: torch.nn.Module) -> int:
     return sum(resident_bytes(m) for _, m in linear_layers(model))
 
 
+HEAL = {"heal_lr": 5e-4, "heal_seq_len": 256, "heal_tokens": 16384, "heal_eval_tokens": 1024,
+        "heal_eval_every": 10}  # bench_methods.py's healing budget, so the tables compare
+
+
 def run(base, stats, label: str, fields: dict, args) -> dict:
-    plan = Plan(**fields)
+    heal = args.heal_steps if label.endswith(" + heal") else 0
+    plan = Plan(**fields, **(dict(HEAL, heal_steps=heal) if heal else {}))
     loaded = copy.copy(base)
     loaded.model = copy.deepcopy(base.model)
     row = {"label": label, "plan": json.loads(plan.to_json())}
     start = time.perf_counter()
     try:
-        info = compress_loaded(loaded, plan, stats=stats)
+        info = compress_loaded(loaded, plan, stats=stats, teacher=base.model if heal else None)
     except ValueError as err:
         return {**row, "infeasible": str(err)}
     row["compress_s"] = time.perf_counter() - start
     layers = info["layers"]
+    if info.get("heal"):
+        row["heal"] = {k: info["heal"].get(k) for k in ("best_step", "best_eval", "seconds")}
     before = sum(r["bytes_before"] for r in layers)
     row.update(bytes_before=before, bytes_after=sum(r["bytes_after"] for r in layers))
     row["ratio"] = row["bytes_after"] / before
@@ -98,6 +105,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    ap.add_argument("--heal", nargs="*", default=[], help="labels to run again with --heal-steps of healing")
+    ap.add_argument("--heal-steps", type=int, default=40)
+    ap.add_argument("--repair-share", type=float, default=None,
+                    help="saten-q rows with this repair_share (labels gain '(share X)'); default: the plan's")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.text = held_out_text(None)
@@ -109,8 +120,13 @@ def main() -> None:
     base.model.to(torch.bfloat16)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor()
             or platform.machine(), "torch": torch.__version__, "model": args.model, "tokens": args.tokens}
-    for label, fields in configs(args.ratios):
-        if label in done or (args.only and label not in args.only):
+    rows = configs(args.ratios)
+    if args.repair_share is not None:
+        rows = [(f"{label} (share {args.repair_share})", {**fields, "repair_share": args.repair_share})
+                for label, fields in rows if fields["method"] == "saten-q" and "bits" not in fields]
+    rows += [(f"{label} + heal", fields) for label, fields in rows if label in args.heal]
+    for label, fields in rows:
+        if label in done or (args.only and label not in args.only and not label.endswith(" + heal")):
             continue
         to_working_precision(base.model)
         row = {**run(base, stats, label, fields, args), **meta}
