@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 
 from saten_core.roi import is_missing, speed_verdict
@@ -121,9 +122,17 @@ def tradeoff_chart(df: pd.DataFrame, x: str, y: str, reference: dict | None = No
     """
     _need(df, ["label", "method", x, y])
     fig = go.Figure()
-    for method, part in df.groupby("method", sort=True):
+    palette = px.colors.qualitative.Plotly
+    for i, (method, part) in enumerate(df.groupby("method", sort=True)):
+        colour = palette[i % len(palette)]
         fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=str(method), text=part["label"],
-                                 marker={"size": 10}, hovertemplate="%{text}<br>%{x}, %{y}<extra></extra>"))
+                                 legendgroup=str(method), marker={"size": 10, "color": colour},
+                                 hovertemplate="%{text}<br>%{x}, %{y}<extra></extra>"))
+        own = part[pareto_mask(part, x, y)].sort_values(x)
+        if len(own) > 1:  # each method's own front: where it stands against the others at every size
+            fig.add_trace(go.Scatter(x=own[x], y=own[y], mode="lines", name=f"{method} front",
+                                     legendgroup=str(method), showlegend=False,
+                                     line={"color": colour, "width": 1.5}, hoverinfo="skip"))
     front = df[pareto_mask(df, x, y)].sort_values(x)
     if len(front):
         fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front",

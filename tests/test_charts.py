@@ -56,8 +56,19 @@ def test_tradeoff_chart_has_methods_front_and_reference():
                        "size": [1.0, 2.0, 1.5], "ppl": [20.0, 15.0, 30.0]})
     fig = charts.tradeoff_chart(df, "size", "ppl", reference={"size": 3.0, "ppl": 14.0})
     names = [t.name for t in fig.data]
-    assert names == ["prune", "saten", "Pareto front", charts.ORIGINAL_LABEL]
-    assert list(fig.data[2].x) == [1.0, 2.0]
+    assert names == ["prune", "saten", "saten front", "Pareto front", charts.ORIGINAL_LABEL]
+    assert list(fig.data[3].x) == [1.0, 2.0]
+
+
+def test_tradeoff_chart_draws_every_methods_own_front():
+    """rtn's points lie behind saten-q's overall, yet rtn's own front is drawn: each method's best at each size."""
+    df = pd.DataFrame({"label": list("abcdef"), "method": ["rtn", "rtn", "rtn", "saten-q", "saten-q", "wanda"],
+                       "size": [1.0, 2.0, 2.5, 1.0, 2.0, 1.5], "ppl": [40.0, 30.0, 35.0, 20.0, 15.0, 50.0]})
+    fig = charts.tradeoff_chart(df, "size", "ppl")
+    fronts = {t.name: list(t.x) for t in fig.data if t.name.endswith(" front")}
+    assert fronts == {"rtn front": [1.0, 2.0], "saten-q front": [1.0, 2.0], "Pareto front": [1.0, 2.0]}
+    rtn = next(t for t in fig.data if t.name == "rtn front")
+    assert rtn.line.color == next(t for t in fig.data if t.name == "rtn").marker.color
 
 
 def test_layer_error_and_loss_curve():
