@@ -211,6 +211,10 @@ def _plan_summary(plan: dict) -> tuple[str, bool]:
             f"per-layer plan ({set_per_layer} layer{'s' * (set_per_layer != 1)} set)" if set_per_layer else "")
     dens = f", d={plan['density']:g}" if plan.get("density") and not plan.get("target_ratio") else ""
     struct = " 2:4" if plan.get("structure") == "2:4" else ""
+    if plan.get("bits"):  # a quantizing method: its grid is what a reader compares
+        group = plan.get("quant_group", 64)
+        struct += f" int{plan['bits']} {'per-row' if group == 0 else f'g{group}'}" + \
+            (" sym" if plan.get("symmetric") else " asym")
     heal = f", healed {plan['heal_steps']} steps" if plan.get("heal_steps") else ""
     part = "" if plan.get("include", ["*"]) == ["*"] else f" (only {', '.join(plan['include'])})"
     return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + heal + part, False

@@ -255,3 +255,10 @@ def test_a_float32_original_gets_its_free_bf16_cast_drawn_at_half_the_bytes():
     bf16 = charts.runs_frame([{**jobs[0], "result_json": _deployed_result("bfloat16")}])
     assert charts.free_cast_point(charts.reference_point(bf16, "m")) is None
     assert charts.free_cast_point(None) is None
+
+
+def test_plan_summary_names_a_quantization_grid():
+    label, ref = charts._plan_summary({"method": "rtn", "bits": 4, "quant_group": 64, "symmetric": True})
+    assert label == "rtn int4 g64 sym" and not ref
+    label, _ = charts._plan_summary({"method": "saten-q", "target_ratio": 0.25, "bits": 3, "quant_group": 0})
+    assert label == "saten-q int3 per-row asym 25% bytes"
