@@ -404,3 +404,26 @@ def test_rtn_int4_g32_asym_reproduces_the_q4_1_source():
         assert err_other > 30 * err_aligned, name  # an unaligned 4-bit grid pays the full quantization error
     assert "artefact" in grid_artefact(source, 4, 32, False)
     assert "artefact" not in (grid_artefact(source, 4, 64, True) or "")
+
+
+def test_cli_compress_eval_and_jobs_accept_a_quantized_plan(tiny_llama_dir, tmp_path):
+    """plan -> compress --eval -> eval of the folder, unchanged commands; the report counts every quantized byte."""
+    plan = tmp_path / "sq.json"
+    assert _cli("plan", "--model", str(tiny_llama_dir), "--method", "saten-q", "--target-ratio", "0.3",
+                "--calib-tokens", "256", "--out", str(plan)).returncode == 0
+    out = tmp_path / "run"
+    res = _cli("compress", "--model", str(tiny_llama_dir), "--plan", str(plan), "--out", str(out), "--eval",
+               "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert all(r["spec"]["method"] == "saten-q" and r["spec"]["bits"] for r in report["layers"])
+    assert report["totals"]["bytes_after"] <= 0.3 * report["totals"]["bytes_before"]
+    assert report["eval"]["resident_bytes"] > 0 and report["eval"]["ppl"] > 0
+    again = _cli("eval", "--model", str(out), "--json", "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["kl"] == pytest.approx(report["eval"]["kl"], rel=1e-3)
+    rtn = tmp_path / "rtn.json"
+    assert _cli("plan", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--group", "32",
+                "--out", str(rtn)).returncode == 0
+    sub = _cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(rtn), "--json")
+    assert sub.returncode == 0, sub.stderr
