@@ -99,6 +99,24 @@ def run(base, stats, label: str, fields: dict, args) -> dict:
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per row in file order; decoders show ppl / KL / top-1, encoders embedding cosine."""
+    lines = ["| config | kept share of 16-bit bytes | bits/weight | quality | resident MiB | grids |",
+             "|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        if "infeasible" in r:
+            lines.append(f"| {r['label']} | — | — | infeasible: {r['infeasible'][:90]} | — | — |")
+            continue
+        ev = r["eval"]
+        quality = (f"cosine {ev['embedding_similarity']:.4f}" if ev.get("embedding_similarity") is not None else
+                   f"ppl {ev['ppl']:.2f} (orig {ev['ppl_original']:.2f}) / KL {ev['kl']:.3f} / "
+                   f"top-1 {ev['top1_agreement']:.3f}")
+        grids = ", ".join(f"int{b} g{g}" for b, g in r.get("grids", [])) or "—"
+        lines.append(f"| {r['label']} | {r['ratio']:.3f} | {r['bits_per_weight']:.2f} | {quality} | "
+                     f"{r['resident_bytes'] / 2**20:.1f} | {grids} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -110,9 +128,13 @@ def main() -> None:
     ap.add_argument("--repair-share", type=float, default=None,
                     help="saten-q rows with this repair_share (labels gain '(share X)'); default: the plan's")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     args = ap.parse_args()
-    args.text = held_out_text(None)
     out = Path(args.out)
+    if args.table:
+        print(table([json.loads(line) for line in out.read_text().splitlines()]))
+        return
+    args.text = held_out_text(None)
     done = {json.loads(line)["label"] for line in out.read_text().splitlines()} if out.exists() else set()
     base = load_model(args.model, dtype=torch.bfloat16)
     to_working_precision(base.model)
