@@ -427,3 +427,28 @@ def test_cli_compress_eval_and_jobs_accept_a_quantized_plan(tiny_llama_dir, tmp_
                 "--out", str(rtn)).returncode == 0
     sub = _cli("jobs", "submit", "--model", str(tiny_llama_dir), "--plan", str(rtn), "--json")
     assert sub.returncode == 0, sub.stderr
+
+
+@pytest.mark.parametrize("plan", [
+    Plan(method="rtn", bits=3, quant_group=32),
+    Plan(method="saten-q", target_ratio=0.3, calib_tokens=256, calib_seq_len=128),
+], ids=["rtn-int3", "saten-q"])
+def test_report_bytes_equal_the_saved_tensors(tiny_llama_dir, tmp_path, plan):
+    """Codes, scales, minimums, masks, cores and values: what the report counts is what the file holds."""
+    from safetensors import safe_open
+
+    from saten_core.build import compress_loaded
+    from saten_core.checkpoint import WEIGHTS, save_compressed
+    from saten_core.models import load_model
+
+    loaded = load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    loaded.model.float()
+    layers = compress_loaded(loaded, plan)["layers"]
+    loaded.model.to(torch.bfloat16)
+    save_compressed(loaded, plan, layers, tmp_path / "dir")
+    with safe_open(str(tmp_path / "dir" / WEIGHTS), "pt") as f:
+        sizes = {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}  # noqa: SIM118
+    for layer in layers:
+        prefix = layer["name"] + "."
+        stored = sum(b for k, b in sizes.items() if k.startswith(prefix))
+        assert stored == layer["bytes_after"], layer["name"]
