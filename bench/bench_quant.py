@@ -129,6 +129,7 @@ def run(base, stats, label: str, fields: dict, args) -> dict:
     row["bits_per_weight"] = 16 * row["ratio"]
     row["grids"] = sorted({(r["spec"].get("bits"), r["spec"].get("qgroup")) for r in layers if r["spec"].get("bits")})
     loaded.model.to(torch.bfloat16)
+    base.model.to(torch.bfloat16)  # both as deployed: evaluate_deployed's working_precision decides the compute
     row["resident_bytes"] = block_resident(loaded.model)
     with working_precision(base.model, loaded.model):
         row["eval"] = (args.probe.measure(loaded.model) if args.probe is not None else
