@@ -56,8 +56,9 @@ def configs(ratios: list[float]) -> list[tuple[str, dict]]:
         rows.append((f"saten-q {r:.0%}", {"method": "saten-q", "target_ratio": r, "symmetric": True,
                                           "quant_base": "gptq"}))
     rows.append(("saten-q 25% (rtn base)", {"method": "saten-q", "target_ratio": 0.25, "symmetric": True}))
-    for name, ratio, variants in (("int4", INT4_G64, [(4, 0), (4, 128)]), ("int3", INT3_G64, [(3, 0), (3, 128),
-                                                                                              (2, 64)])):
+    variants4 = [(4, 0), (4, 128), (4, 192)]  # 192 divides every SmolLM2 and MiniLM width, 128 not 576
+    variants3 = [(3, 0), (3, 128), (3, 192), (2, 64)]
+    for name, ratio, variants in (("int4", INT4_G64, variants4), ("int3", INT3_G64, variants3)):
         for bits, group in variants:
             rows.append((f"saten-q at {name} g64 bytes: int{bits} g{group} + repair",
                          {"method": "saten-q", "target_ratio": ratio, "bits": bits, "quant_group": group,
@@ -170,7 +171,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
-        print(table([json.loads(line) for line in out.read_text().splitlines()]))
+        order = {label: i for i, (label, _) in enumerate(configs(args.ratios))}
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        print(table(sorted(rows, key=lambda r: (order.get(r["label"].removesuffix(" + heal"), len(order)),
+                                                r["label"]))))
         return
     args.text = held_out_text(None)
     done = {json.loads(line)["label"] for line in out.read_text().splitlines()} if out.exists() else set()
