@@ -18,7 +18,7 @@ from pathlib import Path
 from saten_core.deploy.dtype import DEFAULT_DTYPE, DTYPES
 from saten_core.deploy.flags import add_deploy_args
 from saten_core.plan import FIT_ROUNDS, JOINT_SHARE, JOINT_SHARE_MAX_RATIO, LOWRANK_SHARE, MASK_GROUPS
-from saten_core.spec import METHODS, STRUCTURES, needs_stats, storage_method
+from saten_core.spec import METHODS, STRUCTURES, is_quantized, needs_stats, storage_method
 
 GROUP_MODULES = ("saten_core.jobs.cli", "saten_core.spectrum_cli")
 CLI_METHODS = METHODS
@@ -153,6 +153,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)  # before the heavy imports: flag errors come back at once
     if args.allocate and plan.target_ratio is None and args.target_bytes is None:
         raise ValueError("--allocate needs --target-ratio or --target-bytes")
+    if args.allocate and is_quantized(plan.method):
+        raise ValueError(f"--allocate spreads TT ranks and densities over layers; {plan.method} quantizes every "
+                         "layer on one grid (choose --bits / --group instead)")
     if args.allocate_spectra == "whitened" and not (args.allocate and needs_stats(plan.method)):
         raise ValueError(f"--allocate-spectra whitened needs --allocate and an activation-aware method "
                          f"(saten-aw, svd-w, wanda), got method {plan.method}")

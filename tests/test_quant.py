@@ -324,6 +324,7 @@ def test_cli_plan_forms(tiny_llama_dir, tmp_path, args):
     (["--method", "rtn", "--bits", "4", "--group", "48"], "group 48 does not divide the input width 64"),
     (["--method", "rtn", "--bits", "6"], "invalid choice"),
     (["--method", "saten", "--rank", "4", "--bits", "4"], "apply to the quantizing methods"),
+    (["--method", "rtn", "--target-ratio", "0.3", "--allocate"], "quantizes every layer on one grid"),
 ])
 def test_cli_plan_refuses_bad_quant_flags(tiny_llama_dir, tmp_path, args, message):
     out = tmp_path / "p.json"
