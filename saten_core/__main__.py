@@ -115,7 +115,7 @@ def plan_from_args(args: argparse.Namespace):
                 lowrank_share=args.lowrank_share, order=args.order, mask_group=args.mask_group,
                 fit_rounds=args.fit_rounds, overrides=overrides, dtype=args.dtype, bits=args.bits,
                 quant_group=args.group, symmetric=args.symmetric, quant_base=args.quant_base,
-                repair_share=args.repair_share)
+                repair_share=args.repair_share, value_bits=args.value_bits, core_bits=args.core_bits)
     plan = with_calibration_args(plan, args)
     plan.validate()
     return plan
@@ -345,6 +345,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     """Flags of the quantizing methods (rtn, gptq, saten-q); see saten_core/quant."""
     from saten_core.plan import QUANT_GROUP, REPAIR_SHARE
     from saten_core.quant.grid import BITS
+    from saten_core.quant.parts import CORE_BITS, PART_GROUP, VALUE_BITS
 
     p.add_argument("--bits", type=int, choices=BITS, default=None,
                    help="rtn / gptq / saten-q: bits per weight (default: the most that fit --target-ratio; "
@@ -358,6 +359,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="saten-q: the quantizer whose error the TT + sparse repair fits")
     p.add_argument("--repair-share", type=float, default=None,
                    help="saten-q with the bits picked: least share of each layer's budget left to the repair")
+    p.add_argument("--value-bits", type=int, choices=VALUE_BITS, default=16,
+                   help="saten / saten-aw / saten-q: bits of each kept sparse value (16: the deploy dtype; 8 or 4: "
+                   f"codes + a scale per {PART_GROUP} values); a target ratio then keeps more entries")
+    p.add_argument("--core-bits", type=int, choices=CORE_BITS, default=16,
+                   help=f"saten / saten-aw / saten-q: bits of the TT cores (16: the deploy dtype; 8: codes + a scale "
+                   f"per {PART_GROUP} numbers)")
 
 
 def float_above(minimum: float, *, inclusive: bool) -> Callable[[str], float]:

@@ -78,7 +78,8 @@ def trainable_parameters(model: nn.Module, *, cores: bool = True) -> list[nn.Par
     params = []
     for module in _compressed_layers(model):
         for name, p in module.named_parameters():
-            if p.numel() and (name in ("values", "scales", "mins") or (cores and name.startswith("cores."))):
+            if p.numel() and (name in ("values", "value_scales", "scales", "mins")
+                              or (cores and name.startswith(("cores.", "core_scales.")))):
                 p.requires_grad_(True)
                 params.append(p)
     if not params:
@@ -93,7 +94,8 @@ def param_groups(params: list[nn.Parameter], model: nn.Module, cfg: HealConfig) 
     Why: a TT core's update moves every entry of the layer's weight at once, while a kept value moves one, so
     the two may want different step sizes (docs/BENCHMARKS.md, "healing the TT cores").
     """
-    core_ids = {id(p) for m in _compressed_layers(model) for p in getattr(m, "cores", [])}
+    core_ids = {id(p) for m in _compressed_layers(model)
+                for p in [*getattr(m, "cores", []), *getattr(m, "core_scales", [])]}
     cores = [p for p in params if id(p) in core_ids]
     rest = [p for p in params if id(p) not in core_ids]
     groups = [{"params": rest, "lr": cfg.lr}] if rest else []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +13,8 @@ from torch.nn import functional as F
 from saten_core.deploy.dtype import bytes_at, compute_dtype, dtype_name
 from saten_core.kernels import dispatch
 from saten_core.kernels.format import SparseRows, as_bitmask, sparse_rows, tile_offsets
+from saten_core.quant.grid import packed_bytes
+from saten_core.quant.parts import dequantize_part, fake_quantize, part_bytes, part_groups, quantize_part
 from saten_core.sparse import (
     mask_bytes,
     nm_mask,
@@ -84,11 +88,18 @@ def predict_bytes(in_features: int, out_features: int, spec: LayerSpec, dtype: t
             return None
         in_modes, out_modes = _modes(in_features, out_features, spec)
         modes = in_modes + out_modes
-        total += tt_param_count(modes, capped_ranks(modes, spec.rank)) * elem
+        total += _core_bytes(modes, capped_ranks(modes, spec.rank), spec.core_bits, elem)
     if _has_sparse(spec):
         nnz = kept_entries(in_features, out_features, spec)
-        total += nnz * elem + mask_bytes(in_features * out_features, nnz, spec.structure)
+        total += part_bytes(nnz, spec.value_bits, elem) + mask_bytes(in_features * out_features, nnz, spec.structure)
     return total
+
+
+def _core_bytes(modes: list[int], ranks: list[int], bits: int, elem: int) -> int:
+    """Bytes of the TT cores: each core is its own quantized part (codes + a scale per 64 numbers) below 16 bits."""
+    if bits == 16:
+        return tt_param_count(modes, ranks) * elem
+    return sum(part_bytes(ranks[k] * n * ranks[k + 1], bits, elem) for k, n in enumerate(modes))
 
 
 class SatenLinear(nn.Module):
@@ -108,6 +119,11 @@ class SatenLinear(nn.Module):
     (or a CSR copy at density <= CSR_MAX_DENSITY on CPU fp32, or the 2:4 semi-structured operand on CUDA) is
     cached next to the factor pair: faster on this CPU, but it holds more memory than the original layer.
     Training (gradients enabled) always rebuilds R from the values, differentiably.
+
+    Quantized parts (spec.value_bits / core_bits < 16, quant/parts.py): the values are stored as the buffer
+    `value_codes` + Parameter `value_scales` and dequantized for each call (resident stays compact); the cores as
+    buffers `core_codes_k` + Parameters `core_scales.k`, dequantized when the factor pair is built. Healing then
+    tunes the scales with the codes fixed.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, *, ranks: list[int], nnz: int,
@@ -118,10 +134,9 @@ class SatenLinear(nn.Module):
         in_modes, out_modes = _modes(in_features, out_features, spec) if _has_lowrank(spec.method) else ([], [])
         self.modes, self.n_in_modes, self.ranks = in_modes + out_modes, len(in_modes), list(ranks)
         kw = {"dtype": dtype, "device": device}
-        self.cores = nn.ParameterList(
-            [nn.Parameter(torch.empty(ranks[k], n, ranks[k + 1], **kw)) for k, n in enumerate(self.modes)]
-        )
-        self.values = nn.Parameter(torch.empty(nnz, **kw))
+        self.nnz, self.value_bits, self.core_bits = int(nnz), spec.value_bits, spec.core_bits
+        self._init_cores(kw)
+        self._init_values(kw)
         self.mask_format = mask_format
         numel = in_features * out_features
         packed = packed_numel(mask_format, numel, nnz) if mask_format else 0
@@ -132,6 +147,85 @@ class SatenLinear(nn.Module):
         self._semi_structured = False
         self.kernel_path = "auto"  # compact inference kernel (kernels/dispatch.py); "reference" forces plain torch
         self._cache: dict = {}
+
+    def _core_shapes(self) -> list[tuple[int, int, int]]:
+        return [(self.ranks[k], n, self.ranks[k + 1]) for k, n in enumerate(self.modes)] if self.ranks else []
+
+    def _init_cores(self, kw: dict) -> None:
+        shapes = self._core_shapes()
+        if self.core_bits == 16:
+            self.cores = nn.ParameterList([nn.Parameter(torch.empty(shape, **kw)) for shape in shapes])
+            return
+        self.cores = nn.ParameterList()
+        self.core_scales = nn.ParameterList([nn.Parameter(torch.empty(part_groups(math.prod(shape)), **kw))
+                                             for shape in shapes])
+        for k, shape in enumerate(shapes):
+            codes = torch.empty(packed_bytes(math.prod(shape), self.core_bits), dtype=torch.uint8, device=kw["device"])
+            self.register_buffer(f"core_codes_{k}", codes)
+
+    def _init_values(self, kw: dict) -> None:
+        if self.value_bits == 16:
+            self.values = nn.Parameter(torch.empty(self.nnz, **kw))
+            return
+        codes = torch.empty(packed_bytes(self.nnz, self.value_bits), dtype=torch.uint8, device=kw["device"])
+        self.register_buffer("value_codes", codes)
+        self.value_scales = nn.Parameter(torch.empty(part_groups(self.nnz), **kw))
+
+    # ---- stored parts -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored floating-point dtype (values, or their scales when quantized)."""
+        return self._float_ref().dtype
+
+    def _float_ref(self) -> Tensor:
+        return self.values if self.value_bits == 16 else self.value_scales
+
+    def _core_codes(self) -> list[Tensor]:
+        return [getattr(self, f"core_codes_{k}") for k in range(len(self.modes))] if self.core_bits < 16 else []
+
+    def tt_cores(self) -> list[Tensor]:
+        """The TT cores at the stored dtype (dequantized for this use when core_bits < 16; empty without TT)."""
+        if self.core_bits == 16:
+            return list(self.cores)
+        return [dequantize_part(c, s, self.core_bits, math.prod(shape), self.dtype).reshape(shape)
+                for c, s, shape in zip(self._core_codes(), self.core_scales, self._core_shapes(), strict=True)]
+
+    def kept_values(self) -> Tensor:
+        """The kept residual values (nnz,) at the stored dtype (dequantized for this use when value_bits < 16)."""
+        if self.value_bits == 16:
+            return self.values
+        return dequantize_part(self.value_codes, self.value_scales, self.value_bits, self.nnz, self.dtype)
+
+    def _trainable(self) -> list[Tensor]:
+        cores = list(self.cores) if self.core_bits == 16 else list(self.core_scales)
+        return [*cores, self._float_ref()]
+
+    def _part_tensors(self) -> list[Tensor]:
+        """Every stored tensor of the weight: the cache keys of everything derived from them."""
+        values = [self.values] if self.value_bits == 16 else [self.value_codes, self.value_scales]
+        return [*self._core_tensors(), *values, self.mask]
+
+    def _core_tensors(self) -> list[Tensor]:
+        return list(self.cores) if self.core_bits == 16 else [*self._core_codes(), *self.core_scales]
+
+    def _load_parts(self, cores: list[Tensor], values: Tensor | None) -> None:
+        """Store fitted cores and kept values, quantizing them as the spec says (no_grad, in place)."""
+        if self.core_bits == 16:
+            for p, g in zip(self.cores, cores, strict=True):
+                p.copy_(g)
+        else:
+            for k, g in enumerate(cores):
+                codes, scales = quantize_part(g, self.core_bits, self.dtype)
+                getattr(self, f"core_codes_{k}").copy_(codes)
+                self.core_scales[k].copy_(scales)
+        if values is None:
+            return
+        if self.value_bits == 16:
+            self.values.copy_(values)
+        else:
+            codes, scales = quantize_part(values, self.value_bits, self.dtype)
+            self.value_codes.copy_(codes)
+            self.value_scales.copy_(scales)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -164,10 +258,8 @@ class SatenLinear(nn.Module):
                     nnz=int(mask.sum()) if mask is not None else 0, mask_format=fmt,
                     bias=linear.bias is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():
-            for p, g in zip(layer.cores, cores, strict=True):
-                p.copy_(g)
+            layer._load_parts(cores, residual[mask] if mask is not None else None)
             if mask is not None:
-                layer.values.copy_(residual[mask])
                 layer.mask.copy_(packed)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
@@ -188,7 +280,8 @@ class SatenLinear(nn.Module):
         else:
             found = whitened_tt(wt, whiten, in_modes, out_modes, eps=spec.eps, max_rank=spec.rank)
         cores = [g.to(dtype) for g in found]
-        a, b = tt_factor_pair([g.float() for g in cores], len(in_modes))
+        stored = [fake_quantize(g, spec.core_bits, dtype).float() for g in cores]  # what from_linear will store
+        a, b = tt_factor_pair(stored, len(in_modes))
         return cores, wt - a @ b  # residual against the rounded cores, so the sparse part corrects them too
 
     @classmethod
@@ -232,8 +325,8 @@ class SatenLinear(nn.Module):
         """JSON-able description from which `from_layout` rebuilds an empty skeleton of the same shapes."""
         return {"in_features": self.in_features, "out_features": self.out_features, "spec": self.spec.to_dict(),
                 "modes": list(self.modes), "n_in_modes": self.n_in_modes, "ranks": list(self.ranks),
-                "nnz": int(self.values.numel()), "mask_format": self.mask_format, "bias": self.bias is not None,
-                "dtype": dtype_name(self.values.dtype)}
+                "nnz": self.nnz, "mask_format": self.mask_format, "bias": self.bias is not None,
+                "dtype": dtype_name(self.dtype)}
 
     @classmethod
     def from_layout(cls, layout: dict, *, device=None) -> SatenLinear:
@@ -255,7 +348,7 @@ class SatenLinear(nn.Module):
 
     def param_count(self) -> int:
         """Trainable numbers of the compressed weight: core sizes + kept values (bias excluded)."""
-        return sum(g.numel() for g in self.cores) + self.values.numel()
+        return sum(math.prod(shape) for shape in self._core_shapes()) + self.nnz
 
     def rank(self) -> int:
         """Matrix rank r of the low-rank part (the bond between input-side and output-side cores)."""
@@ -263,11 +356,12 @@ class SatenLinear(nn.Module):
 
     def macs_per_token(self) -> int:
         """Multiply-adds per token with a sparse kernel: r*(in + out) for the factor pair + one per kept value."""
-        return self.rank() * (self.in_features + self.out_features) + self.values.numel()
+        return self.rank() * (self.in_features + self.out_features) + self.nnz
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.spec.method}, "
-                f"ranks={self.ranks}, nnz={self.values.numel()}, structure={self.spec.structure}")
+                f"ranks={self.ranks}, nnz={self.nnz}, structure={self.spec.structure}, "
+                f"value_bits={self.value_bits}, core_bits={self.core_bits}")
 
     # ---- dense views --------------------------------------------------------------------------------
     def _flat_index(self) -> Tensor:
@@ -289,36 +383,36 @@ class SatenLinear(nn.Module):
 
     def _residual(self, dtype: torch.dtype | None = None) -> Tensor:
         """Dense R (in, out) with the kept values scattered in (differentiable in `values`), at `dtype`."""
-        return scatter_values(mask_of(self), self.values, dtype or self.values.dtype)
+        return scatter_values(mask_of(self), self.kept_values(), dtype or self.dtype)
 
     def _factor_pair(self) -> tuple[Tensor, Tensor]:
-        return tt_factor_pair(list(self.cores), self.n_in_modes)
+        return tt_factor_pair(self.tt_cores(), self.n_in_modes)
 
     def to_dense(self) -> Tensor:
         """The equivalent dense weight (out, in), like `nn.Linear.weight`."""
-        wt = self._residual() if self.values.numel() or not len(self.cores) else None
-        if len(self.cores):
+        wt = self._residual() if self.nnz or not self.ranks else None
+        if self.ranks:
             a, b = self._factor_pair()
             wt = a @ b if wt is None else a @ b + wt
         return wt.mT
 
     # ---- forward ------------------------------------------------------------------------------------
     def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in [*self.cores, self.values])
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._trainable())
 
     def _param_key(self) -> tuple:
         """Changes whenever a parameter or the mask is replaced, moved, cast or updated in place."""
         return (self._semi_structured,) + tuple(
-            (p.data_ptr(), p._version, p.device, p.dtype) for p in [*self.cores, self.values, self.mask])
+            (p.data_ptr(), p._version, p.device, p.dtype) for p in self._part_tensors())
 
     def _choose_path(self, tokens: int) -> str:
         """The sparse-term implementation for this call (see the class docstring for the measured rule)."""
         if self.sparse_path != "auto":
             return self.sparse_path
-        density = self.values.numel() / (self.in_features * self.out_features)
-        if self.values.device.type != "cpu" or self.values.dtype not in (torch.float32, torch.float64):
+        density = self.nnz / (self.in_features * self.out_features)
+        if self.mask.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
             return "dense"  # CPU CSR matmul has no fp16/bf16 kernel
-        if tokens * self.values.numel() <= GATHER_MAX_WORK:
+        if tokens * self.nnz <= GATHER_MAX_WORK:
             return "gather"
         return "csr" if density <= CSR_MAX_DENSITY else "dense"
 
@@ -333,11 +427,11 @@ class SatenLinear(nn.Module):
             keep = {k: v for k, v in self._cache.items() if k.startswith(kept)}
             self._cache = keep | {"key": key, "ops": {}, "ab": None}
         with torch.no_grad():
-            if self._cache["ab"] is None and len(self.cores):
+            if self._cache["ab"] is None and self.ranks:
                 self._cache["ab"] = self._cached_pair()
             ops = self._cache["ops"]
             if path not in ops:
-                ops[path] = self._sparse_operand(path) if self.values.numel() else None
+                ops[path] = self._sparse_operand(path) if self.nnz else None
         return self._cache["ab"], ops[path]
 
     def _sparse_operand(self, path: str):
@@ -347,7 +441,7 @@ class SatenLinear(nn.Module):
                 return self._residual().mT.contiguous().to_sparse_csr()  # (out, in)
         if path == "gather":
             flat = self._flat_index()
-            return flat // self.out_features, flat % self.out_features, self.values.detach()
+            return flat // self.out_features, flat % self.out_features, self.kept_values().detach()
         r = self._residual()
         if self._semi_structured:
             from torch.sparse import to_sparse_semi_structured
@@ -397,6 +491,8 @@ class SatenLinear(nn.Module):
         if path == "auto":
             path = dispatch.choose(x2d.device, x2d.shape[0], self.out_features)
         tiles = self._tile_offsets() if path.startswith("triton") else None
+        if self.value_bits < 16:  # dequantized for this call only: between calls the codes are what is held
+            rows = replace(rows, values=self.kept_values().detach())
         return dispatch.run(path, x2d, rows, a, b, compute=cdt, tiles=tiles)
 
     def _compact_operands(self, device: torch.device) -> tuple:
@@ -408,10 +504,10 @@ class SatenLinear(nn.Module):
         fast = self._cache.get("fast")
         if fast is not None and [(t.data_ptr(), t._version) for t in fast[0]] == fast[1]:
             return fast[2]
-        a, b = self._cached_pair() if len(self.cores) else (None, None)
-        rows = self._sparse_rows() if self.values.numel() else None  # may rewrite a 2:4 mask: tensors after it
-        tensors = [*self.cores, self.values, self.mask]
-        ops = (a, b, rows, compute_dtype(self.values.dtype, device))
+        a, b = self._cached_pair() if self.ranks else (None, None)
+        rows = self._sparse_rows() if self.nnz else None  # may rewrite a 2:4 mask: tensors after it
+        tensors = self._part_tensors()
+        ops = (a, b, rows, compute_dtype(self.dtype, device))
         self._cache["fast"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], ops)
         return ops
 
@@ -429,7 +525,7 @@ class SatenLinear(nn.Module):
             with torch.inference_mode(False), torch.no_grad():  # a buffer that later healing may still read
                 self.mask = as_bitmask("nm", self.mask, self.in_features, self.out_features)
             self.mask_format = "bitmask"
-        v = self.values
+        v = self.values if self.value_bits == 16 else self.value_codes[:0]  # quantized: values joined per call
         key = (self.mask.data_ptr(), self.mask._version, v.data_ptr(), v._version, v.dtype, v.device)
         if self._cache.get("rows_key") != key:
             rows = sparse_rows(self.mask_format, self.mask, v.detach(), self.in_features, self.out_features)
@@ -447,11 +543,11 @@ class SatenLinear(nn.Module):
 
     def _cached_pair(self) -> tuple[Tensor, Tensor]:
         """A (in, r), B (r, out) at the stored dtype, rebuilt only when a core changes (the only inference cache)."""
-        key = tuple((g.data_ptr(), g._version, g.device, g.dtype) for g in self.cores)
+        key = tuple((g.data_ptr(), g._version, g.device, g.dtype) for g in self._core_tensors())
         if self._cache.get("pair_key") != key:
             with torch.no_grad():
-                pair = tt_factor_pair([g.float() for g in self.cores], self.n_in_modes)
-            dtype = self.cores[0].dtype
+                pair = tt_factor_pair([g.float() for g in self.tt_cores()], self.n_in_modes)
+            dtype = self.dtype
             self._cache.update(pair_key=key, pair=tuple(t.to(dtype) for t in pair))
         return self._cache["pair"]
 
@@ -475,10 +571,10 @@ class SatenLinear(nn.Module):
     def _train_forward(self, x2d: Tensor) -> Tensor | None:
         """Differentiable path: factor pair from the live cores, values scattered into a dense residual."""
         y = None
-        if len(self.cores):
+        if self.ranks:
             a, b = self._factor_pair()
             y = (x2d @ a) @ b
-        if self.values.numel():
+        if self.nnz:
             s = x2d @ self._residual()
             y = s if y is None else y + s
         return y
@@ -488,11 +584,11 @@ class SatenLinear(nn.Module):
         fp16/bf16 only; off by default, it helps large prefill batches and loses at batch-1 decode)."""
         if self.spec.structure != "2:4":
             raise ValueError(f"semi-structured kernels need structure '2:4', got {self.spec.structure!r}")
-        dev = self.values.device
+        dev = self.mask.device
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 8:
             raise ValueError(f"semi-structured kernels need a CUDA device of compute capability >= 8.0, got {dev}")
-        if self.values.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"semi-structured kernels need float16/bfloat16 weights, got {self.values.dtype}")
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"semi-structured kernels need float16/bfloat16 weights, got {self.dtype}")
         self._semi_structured, self.sparse_path, self.resident = True, "dense", "materialized"
         self._cache = {}
 

@@ -37,6 +37,7 @@ FIT_ROUNDS = 0
 # drops int4 for int3); at 50%, 25% and 19% 0.05 and 0.15 tied and 0.3 was worse or infeasible.
 REPAIR_SHARE = 0.05
 QUANT_GROUP = 64  # inputs per quantization group by default: divides every SmolLM2 and MiniLM width
+PART_BIT_METHODS = ("saten", "saten-aw", "saten-q")  # methods whose kept values / TT cores may be quantized
 
 
 @dataclass
@@ -105,6 +106,9 @@ class Plan:
     symmetric: bool = False  # symmetric grid, or a 16-bit minimum per group (GGUF Q4_1's layout)
     quant_base: str = "rtn"  # saten-q: the quantizer whose error the repair fits (rtn or gptq)
     repair_share: float | None = None  # saten-q, bits picked: least share of the budget left to the repair
+    # quantized Saten parts (saten, saten-aw, saten-q's repair): 16 = at the deploy dtype
+    value_bits: int = 16  # kept sparse values: 16, 8 or 4 bits (+ a 16-bit scale per 64 values)
+    core_bits: int = 16  # TT cores: 16 or 8 bits (+ a 16-bit scale per 64 numbers)
 
     def torch_dtype(self) -> Any:
         """The deploy dtype as a torch.dtype (what byte budgets and the saved model use)."""
@@ -196,6 +200,10 @@ class Plan:
         if self.bits is not None and not is_quantized(self.method):
             raise ValueError(f"bits {self.bits} apply to the quantizing methods (rtn, gptq, saten-q), "
                              f"not to {self.method!r}")
+        LayerSpec(value_bits=self.value_bits, core_bits=self.core_bits).validate()
+        if (self.value_bits, self.core_bits) != (16, 16) and self.method not in PART_BIT_METHODS:
+            raise ValueError(f"value_bits {self.value_bits} / core_bits {self.core_bits} quantize Saten's kept values "
+                             f"and TT cores ({', '.join(PART_BIT_METHODS)}), not method {self.method!r}")
         if self.method in ("rtn", "gptq") and self.bits is None and self.target_ratio is None:
             raise ValueError(f"method {self.method} needs bits (2, 3, 4 or 8) or a target_ratio that picks them")
 
@@ -287,7 +295,8 @@ def _base_spec(plan: Plan, override: Override | None) -> LayerSpec:
         density = 0.5
     return LayerSpec(method=plan.method, rank=rank, eps=eps, density=density, structure=plan.structure, order=order,
                      group=mask_group(plan), fit_rounds=fit_rounds(plan), bits=plan.bits,
-                     qgroup=plan.quant_group, symmetric=plan.symmetric, qbase=plan.quant_base)
+                     qgroup=plan.quant_group, symmetric=plan.symmetric, qbase=plan.quant_base,
+                     value_bits=plan.value_bits, core_bits=plan.core_bits)
 
 
 def lowrank_share(plan: Plan) -> float:
@@ -356,7 +365,8 @@ def baseline_plan(plan: Plan, method: str, ratio: float | None = None) -> Plan:
     same_storage = storage_method(method) == storage_method(plan.method)
     sparse = storage_method(method) in ("saten", "prune", "saten-q")
     out = replace(plan, method=method, structure=plan.structure if sparse else "unstructured", target_ratio=ratio,
-                  bits=None,
+                  bits=None, value_bits=plan.value_bits if method in PART_BIT_METHODS else 16,
+                  core_bits=plan.core_bits if method in PART_BIT_METHODS else 16,
                   rank=None, eps=None, density=0.0, overrides=[o for o in plan.overrides if o.skip],
                   mask_group="auto", lowrank_share=plan.lowrank_share if same_storage else None,
                   fit_rounds=plan.fit_rounds if same_storage else None)

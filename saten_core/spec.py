@@ -52,6 +52,8 @@ class LayerSpec:
     qgroup: int = 64  # inputs per quantization group (0: one group per output row)
     symmetric: bool = False  # symmetric grid (no minimum) or scale + minimum per group
     qbase: str = "rtn"  # saten-q: the quantizer whose error the repair fits (rtn or gptq)
+    value_bits: int = 16  # kept sparse values: 16 = at the deploy dtype, or 8 / 4 bits + a scale per 64
+    core_bits: int = 16  # TT cores: 16 = at the deploy dtype, or 8 bits + a scale per 64
 
     def validate(self, in_features: int | None = None, out_features: int | None = None) -> None:
         """Raise ValueError naming the first bad value."""
@@ -75,8 +77,19 @@ class LayerSpec:
             raise ValueError(f"unknown qbase {self.qbase!r}; expected one of {', '.join(QBASES)}")
         if is_quantized(self.method):
             self.grid().validate(in_features)
+        self._validate_part_bits()
         if in_features is not None and out_features is not None:
             self._validate_shape(in_features, out_features)
+
+    def _validate_part_bits(self) -> None:
+        from saten_core.quant.parts import CORE_BITS, VALUE_BITS
+
+        for name, allowed in (("value_bits", VALUE_BITS), ("core_bits", CORE_BITS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        if (self.value_bits, self.core_bits) != (16, 16) and self.method in ("rtn", "gptq"):
+            raise ValueError(f"value_bits / core_bits quantize Saten's parts; method {self.method!r} has none")
 
     def grid(self):
         """The quantization grid of a quantizing method (ValueError when bits are missing)."""

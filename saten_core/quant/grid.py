@@ -137,6 +137,10 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     if packed.numel() != packed_bytes(numel, bits):
         raise ValueError(f"packed stream has {packed.numel()} bytes, {packed_bytes(numel, bits)} expected for "
                          f"{numel} codes at {bits} bits")
+    if bits == 8:  # fast paths: each byte is one code, or two nibbles (low first), as the stream defines
+        return packed[:numel]
+    if bits == 4:
+        return torch.stack([packed & 15, packed >> 4], -1).reshape(-1)[:numel]
     b = packed.reshape(-1, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, device=b.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1)
