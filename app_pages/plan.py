@@ -12,6 +12,7 @@ from saten_core.plan import (
     JOINT_SHARE_MAX_RATIO,
     LOWRANK_SHARE,
     MASK_GROUPS,
+    PART_BIT_METHODS,
     QUANT_GROUP,
     Override,
     Plan,
@@ -21,6 +22,7 @@ from saten_core.plan import (
     predicted_model_bytes,
     ratio_for_model_bytes,
 )
+from saten_core.quant.parts import CORE_BITS, VALUE_BITS
 from saten_core.spec import ACTIVATION_AWARE, METHODS, STRUCTURES, is_quantized, storage_method
 from studio_ui import (
     PLAN_KEY,
@@ -177,6 +179,15 @@ if is_quantized(method):
     if method == "saten-q":
         settings["quant_base"] = q3.radio("Repair the error of", ["rtn", "gptq"], horizontal=True,
                                           key="plan_quant_base")
+
+if method in PART_BIT_METHODS:
+    v1, v2, _ = st.columns(3)
+    value_bits = v1.selectbox("Kept sparse values stored at (bits)", list(VALUE_BITS), key="plan_value_bits",
+                              help="16: the deploy dtype; 8 / 4: codes + one 16-bit scale per 64 values. "
+                              "With a budget the saved bytes buy more kept entries")
+    core_bits = v2.selectbox("TT cores stored at (bits)", list(CORE_BITS), key="plan_core_bits",
+                             help="16: the deploy dtype; 8: codes + one 16-bit scale per 64 numbers")
+    settings.update(value_bits=int(value_bits), core_bits=int(core_bits))
 
 st.subheader("Per-layer overrides")
 st.caption("Pattern is an fnmatch on the layer name, e.g. `*.layers.0.*` or `*mlp.down_proj`. Blank = plan value.")

@@ -215,6 +215,9 @@ def _plan_summary(plan: dict) -> tuple[str, bool]:
         group = plan.get("quant_group", 64)
         struct += f" int{plan['bits']} {'per-row' if group == 0 else f'g{group}'}" + \
             (" sym" if plan.get("symmetric") else " asym")
+    parts = [f"{name} {plan[key]}-bit" for key, name in (("value_bits", "values"), ("core_bits", "cores"))
+             if plan.get(key, 16) != 16]
+    struct += f" ({', '.join(parts)})" if parts else ""
     heal = f", healed {plan['heal_steps']} steps" if plan.get("heal_steps") else ""
     part = "" if plan.get("include", ["*"]) == ["*"] else f" (only {', '.join(plan['include'])})"
     return f"{plan.get('method', '?')}{struct} {what}{dens}".strip() + heal + part, False

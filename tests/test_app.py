@@ -219,6 +219,20 @@ def test_plan_quantization_controls_reach_the_plan_and_the_bytes(tiny_llama_dir)
     assert (plan.method, plan.quant_base, plan.quant_group) == ("saten-q", "gptq", 32)
 
 
+def test_plan_part_bits_controls_reach_the_plan(tiny_llama_dir):
+    """saten: kept values / TT cores bits are plan fields and change the bytes; rtn shows no such control."""
+    at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
+    no_exception(at)
+    before = metric(at, "Predicted bytes")
+    at.selectbox(key="plan_value_bits").set_value(4).run()
+    at.selectbox(key="plan_core_bits").set_value(8).run()
+    no_exception(at)
+    plan = Plan.from_json(at.session_state[PLAN_KEY])
+    assert (plan.value_bits, plan.core_bits) == (4, 8) and metric(at, "Predicted bytes") != before
+    at.selectbox(key="plan_method").set_value("rtn").run()
+    assert not [s for s in at.selectbox if s.key == "plan_value_bits"]
+
+
 def test_plan_rank_and_density_sliders_change_bytes(tiny_llama_dir):
     at = page("app_pages/plan.py", model=str(tiny_llama_dir), plan_mode="Rank and density")
     no_exception(at)

@@ -257,6 +257,13 @@ def test_a_float32_original_gets_its_free_bf16_cast_drawn_at_half_the_bytes():
     assert charts.free_cast_point(None) is None
 
 
+def test_plan_summary_names_quantized_parts():
+    label, _ = charts._plan_summary({"method": "saten-aw", "target_ratio": 0.25, "value_bits": 8, "core_bits": 16})
+    assert label == "saten-aw (values 8-bit) 25% bytes"
+    label, _ = charts._plan_summary({"method": "saten", "target_ratio": 0.25, "value_bits": 16, "core_bits": 16})
+    assert label == "saten 25% bytes"
+
+
 def test_plan_summary_names_a_quantization_grid():
     label, ref = charts._plan_summary({"method": "rtn", "bits": 4, "quant_group": 64, "symmetric": True})
     assert label == "rtn int4 g64 sym" and not ref
