@@ -63,6 +63,23 @@ def configs(ratios: list[float]) -> list[tuple[str, dict]]:
             rows.append((f"saten-q at {name} g64 bytes: int{bits} g{group} + repair",
                          {"method": "saten-q", "target_ratio": ratio, "bits": bits, "quant_group": group,
                           "symmetric": True, "quant_base": "gptq"}))
+    return rows + part_rows()
+
+
+def part_rows() -> list[tuple[str, dict]]:
+    """--value-bits / --core-bits: saten-aw and saten-q at 31% and 25% with quantized kept values and TT cores,
+    and saten-q at exactly int3 g64's bytes with 4-bit kept values (the saved bits buy more repair entries)."""
+    rows = []
+    for r in (0.31, 0.25):
+        rows.append((f"saten-aw {r:.0%} (values 8-bit, cores 8-bit)",
+                     {"method": "saten-aw", "target_ratio": r, "value_bits": 8, "core_bits": 8}))
+        for vb in (8, 4):
+            rows.append((f"saten-q {r:.0%} (values {vb}-bit)", {"method": "saten-q", "target_ratio": r,
+                                                              "symmetric": True, "quant_base": "gptq",
+                                                              "value_bits": vb}))
+    rows.append(("saten-q at int3 g64 bytes: int3 g192 + repair (values 4-bit)",
+                 {"method": "saten-q", "target_ratio": INT3_G64, "bits": 3, "quant_group": 192, "symmetric": True,
+                  "quant_base": "gptq", "value_bits": 4}))
     return rows
 
 
