@@ -115,8 +115,7 @@ def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float,
     n_in, n_out = linear.in_features, linear.out_features
     return {
         "name": name, "shape": [n_out, n_in], "spec": new.spec.to_dict(),
-        "ranks": layout["ranks"] if "ranks" in layout else (layout.get("repair") or {}).get("ranks"),
-        "nnz": layout["nnz"] if "nnz" in layout else (layout.get("repair") or {}).get("nnz"),
+        "ranks": layout["ranks"], "nnz": layout["nnz"],
         "params_before": n_in * n_out + bias_params, "params_after": new.param_count() + bias_params,
         "bytes_before": linear.weight.numel() * elem + bias_bytes,
         "bytes_after": new.stored_bytes(dtype) + bias_bytes,

@@ -99,10 +99,12 @@ class QuantLinear(nn.Module):
 
     # ---- layout / accounting ------------------------------------------------------------------------
     def layout(self) -> dict:
-        """JSON-able skeleton description (`from_layout` rebuilds it for load_state_dict)."""
+        """JSON-able skeleton description (`from_layout` rebuilds it for load_state_dict); `ranks` / `nnz` are the
+        repair's (None without one), so reports read every layer kind alike."""
+        repair = None if self.repair is None else self.repair.layout()
         return {"kind": "quant", "in_features": self.in_features, "out_features": self.out_features,
                 "spec": self.spec.to_dict(), "bias": self.bias is not None, "dtype": dtype_name(self.scales.dtype),
-                "repair": None if self.repair is None else self.repair.layout()}
+                "repair": repair, "ranks": repair and repair["ranks"], "nnz": repair and repair["nnz"]}
 
     @classmethod
     def from_layout(cls, layout: dict, *, device=None) -> QuantLinear:
@@ -176,7 +178,6 @@ def _fit_repair(error: Tensor, spec: LayerSpec, stats, dtype: torch.dtype):
         raise ValueError("method 'saten-q' needs calibration input statistics for its repair, got none")
     from saten_core.layer import SatenLinear
 
-    fake = nn.Linear(error.shape[1], error.shape[0], bias=False)
-    with torch.no_grad():
-        fake.weight.copy_(error)
+    fake = nn.utils.skip_init(nn.Linear, error.shape[1], error.shape[0], bias=False, device=error.device)
+    fake.weight = nn.Parameter(error, requires_grad=False)  # E itself: no random init, no copy
     return SatenLinear.from_linear(fake, rspec, stats=stats, dtype=dtype)
