@@ -136,7 +136,7 @@ def with_calibration_args(plan, args: argparse.Namespace):
     from dataclasses import replace
 
     given = {field: getattr(args, field, None) for field in ("calib_tokens", "heal_steps", "heal_lr",
-                                                                 "heal_core_lr_scale")}
+                                                                 "heal_core_lr_scale", "sequential")}
     changes = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "calib", None) is not None:
         changes["calib"] = calib_arg(args.calib)
@@ -388,6 +388,9 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration text: 'default' (bundled) or a UTF-8 file; used by "
                                    "saten-aw / svd-w / wanda and healing")
     p.add_argument("--calib-tokens", type=positive_int, help="calibration tokens for input statistics")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="calibrate and compress block by block, each block's statistics on the outputs of the "
+                   "already-compressed blocks before it (one block's statistics in memory at a time)")
     p.add_argument("--heal-steps", type=non_negative_int, help="distillation fine-tune steps after compressing "
                                                                "(0: off)")
     p.add_argument("--heal-lr", type=positive_float, help="healing learning rate")

@@ -146,16 +146,32 @@ def compress_loaded(loaded: Any, plan: Plan, *, progress: Progress | None = None
     if plan.heal_steps and teacher is None:
         teacher = copy.deepcopy(loaded.model)
     info: dict[str, Any] = {"calibration": None, "heal": None}
-    if needs_stats(plan.method) and stats is None:
-        start = time.perf_counter()
-        stats = collect_stats(loaded, plan, text, progress=progress, should_stop=should_stop)
-        info["calibration"] = {"source": plan.calib or "default", "tokens": plan.calib_tokens,
-                               "seq_len": plan.calib_seq_len, "seconds": time.perf_counter() - start}
-    info["layers"] = compress_(loaded.model, plan, progress=progress, should_stop=should_stop, stats=stats)
+    start = time.perf_counter()
+    calib = {"source": plan.calib or "default", "tokens": plan.calib_tokens, "seq_len": plan.calib_seq_len,
+             "order": "sequential" if plan.sequential else "all-at-once"}
+    if needs_stats(plan.method) and stats is None and plan.sequential:
+        info["layers"] = _compress_sequential(loaded, plan, text, progress, should_stop)
+        info["calibration"] = {**calib, "seconds": time.perf_counter() - start}  # compression included
+    else:
+        if needs_stats(plan.method) and stats is None:
+            stats = collect_stats(loaded, plan, text, progress=progress, should_stop=should_stop)
+            info["calibration"] = {**calib, "seconds": time.perf_counter() - start}
+        info["layers"] = compress_(loaded.model, plan, progress=progress, should_stop=should_stop, stats=stats)
     stats = None  # free the statistics (hundreds of MB on real models) before healing
     if plan.heal_steps:
         info["heal"] = heal_loaded(loaded, teacher, plan, text, progress=progress, should_stop=should_stop)
     return info
+
+
+def _compress_sequential(loaded: Any, plan: Plan, text: str, progress: Progress | None,
+                         should_stop: Callable[[], bool] | None) -> list[dict]:
+    """Calibrate and compress block by block (plan.sequential): blocks/walk.py."""
+    from saten_core.blocks.walk import compress_blockwise
+    from saten_core.calibrate import token_windows
+
+    windows = token_windows(loaded.tokenizer, text, plan.calib_tokens, plan.calib_seq_len)
+    return compress_blockwise(loaded.model, plan, windows, loaded.kind == "decoder",
+                              progress=_stoppable(progress, should_stop), should_stop=should_stop)
 
 
 def build_compressed(model_ref: str, plan: Plan, *, device: str = "auto", progress: Progress | None = None,

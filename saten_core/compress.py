@@ -38,7 +38,7 @@ def compress_(model: nn.Module, plan: Plan, *, progress: Progress | None = None,
     for i, (name, linear, spec) in enumerate(todo):
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled after {i} of {len(todo)} layers")
-        reports.append(_compress_one(model, name, linear, spec, stats.get(name), dtype))
+        reports.append(compress_layer(model, name, linear, spec, stats.get(name), dtype))
         if progress is not None:
             progress("compress", (i + 1) / len(todo), f"{name} {reports[-1]['shape']} rel_error "
                                                        f"{reports[-1]['rel_error']:.4f}")
@@ -47,10 +47,10 @@ def compress_(model: nn.Module, plan: Plan, *, progress: Progress | None = None,
 
 def planned_layers(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, Any]]:
     """(name, dense linear, resolved LayerSpec) of every layer the plan will compress, in model order."""
-    from saten_core.models import linear_layers
+    from saten_core.models import block_linears
 
     todo = []
-    for name, lin in linear_layers(model):
+    for name, lin in block_linears(model):
         if not isinstance(lin, nn.Linear):
             continue  # already compressed: a plan applies to dense layers only
         spec = layer_spec(plan, name, lin.in_features, lin.out_features)  # budgets at the deploy dtype
@@ -69,7 +69,7 @@ def _check_stats(todo: list[tuple], stats: dict[str, Any]) -> None:
                              "(collect them with calibrate.collect_input_stats), none given")
 
 
-def _compress_one(model: nn.Module, name: str, linear: nn.Linear, spec: Any, stats: Any = None,
+def compress_layer(model: nn.Module, name: str, linear: nn.Linear, spec: Any, stats: Any = None,
                   dtype: torch.dtype | None = None) -> dict:
     """Build the SatenLinear (parts rounded to the deploy `dtype`), measure it against the dense weight, swap it in."""
     from saten_core.layer import SatenLinear

@@ -90,6 +90,9 @@ class Plan:
     calib: str | None = None  # None | "default" | path of a UTF-8 text file
     calib_tokens: int = CALIB_TOKENS  # tokens streamed through the model to collect input statistics
     calib_seq_len: int = 512
+    # block-sequential calibration: each block's input statistics come from the already-compressed blocks before
+    # it, one block's statistics held at a time (blocks/walk.py); False: all at once, on the original model
+    sequential: bool = False
     # healing (distillation fine-tune of TT cores and kept values after compression; 0 steps = off)
     heal_steps: int = 0
     heal_lr: float = 1e-4
@@ -209,6 +212,8 @@ class Plan:
 
     def _validate_calibration(self) -> None:
         """Shape-free checks of the calibration / healing fields (HealConfig gets the same numbers)."""
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
         if self.calib is not None and (not isinstance(self.calib, str) or not self.calib.strip()):
             raise ValueError(f"calib must be 'default' or a text file path, got {self.calib!r}")
         for name in ("calib_tokens", "calib_seq_len", "heal_seq_len", "heal_batch_size", "heal_tokens",
@@ -396,11 +401,11 @@ def model_byte_bounds(model: Any, dtype: Any = None) -> tuple[int, int]:
 
     Counted at `dtype` (the deploy dtype) when given, else as the model's tensors are stored.
     """
-    from saten_core.models import linear_layers, parameter_bytes
+    from saten_core.models import block_linears, parameter_bytes
 
     total = parameter_bytes(model, dtype)
     linear = sum(dense_weight_bytes(lin.in_features, lin.out_features, dtype or lin.weight.dtype)
-                 for _, lin in linear_layers(model))
+                 for _, lin in block_linears(model))
     return total - linear, total
 
 
@@ -568,10 +573,10 @@ def dry_run(model: Any, plan: Plan) -> list[dict]:
     """One row per block linear: what the plan would do, with exact predicted bytes; the model is untouched."""
     from torch import nn
 
-    from saten_core.models import linear_layers
+    from saten_core.models import block_linears
 
     plan.validate()  # layers already compressed are not rows: a plan applies to dense layers only
-    return [_dry_row(plan, name, lin) for name, lin in linear_layers(model) if isinstance(lin, nn.Linear)]
+    return [_dry_row(plan, name, lin) for name, lin in block_linears(model) if isinstance(lin, nn.Linear)]
 
 
 def _dry_row(plan: Plan, name: str, lin: Any) -> dict:
