@@ -63,7 +63,18 @@ def configs(ratios: list[float]) -> list[tuple[str, dict]]:
             rows.append((f"saten-q at {name} g64 bytes: int{bits} g{group} + repair",
                          {"method": "saten-q", "target_ratio": ratio, "bits": bits, "quant_group": group,
                           "symmetric": True, "quant_base": "gptq"}))
-    return rows + part_rows()
+    return rows + part_rows() + sequential_rows()
+
+
+def sequential_rows() -> list[tuple[str, dict]]:
+    """Block-sequential calibration (issue 18): the activation-aware rows again with each block's statistics
+    taken on the outputs of the already-compressed blocks (compared with the all-at-once rows above)."""
+    rows = []
+    for label, fields in FIXED:
+        if label in ("wanda 50%", "gptq int4 g64 sym", "gptq int3 g64 sym"):
+            rows.append((f"{label} (sequential)", {**fields, "sequential": True}))
+    rows.append(("saten-aw 50% (sequential)", {"method": "saten-aw", "target_ratio": 0.5, "sequential": True}))
+    return rows
 
 
 def part_rows() -> list[tuple[str, dict]]:
@@ -134,7 +145,8 @@ def run(base, stats, label: str, fields: dict, args) -> dict:
     row = {"label": label, "plan": json.loads(plan.to_json())}
     start = time.perf_counter()
     try:
-        info = compress_loaded(loaded, plan, stats=stats, teacher=base.model if heal else None)
+        info = compress_loaded(loaded, plan, stats=None if plan.sequential else stats,  # sequential: its own
+                               teacher=base.model if heal else None)
     except ValueError as err:
         return {**row, "infeasible": str(err)}
     row["compress_s"] = time.perf_counter() - start
