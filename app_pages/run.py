@@ -55,8 +55,12 @@ core_scale = h2.number_input("TT-core learning rate × (0 = cores frozen)", 0.0,
                              float(plan.heal_core_lr_scale), 0.1, key="run_heal_core_scale",
                              help="TT cores heal at the learning rate times this; kept values at the learning rate. "
                              "A core update moves every entry of its layer at once.")
+sequential = h1.checkbox("Calibrate block by block", plan.sequential, key="run_sequential",
+                         help="Each transformer block's input statistics come from the already-compressed blocks "
+                         "before it, and only one block's statistics are held at a time (as SparseGPT / GPTQ do). "
+                         "Off: all layers are measured at once on the original model.")
 calibrated = replace(plan, calib_tokens=int(calib_tokens), heal_steps=int(heal_steps), heal_lr=float(heal_lr),
-                     heal_core_lr_scale=float(core_scale))
+                     heal_core_lr_scale=float(core_scale), sequential=bool(sequential))
 if not calibrated.needs_calibration():
     h2.caption(f"`{plan.method}` uses the weights alone and healing is off: no calibration text is read.")
 

@@ -331,7 +331,8 @@ def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir,
     at.checkbox(key="run_eval").uncheck()
     at.number_input(key="run_heal_steps").set_value(5)
     at.number_input(key="run_heal_core_scale").set_value(0.0)
-    at.number_input(key="run_calib_tokens").set_value(512).run()
+    at.number_input(key="run_calib_tokens").set_value(512)
+    at.checkbox(key="run_sequential").check().run()
     no_exception(at)
     at.button(key="run_submit").click().run()
     no_exception(at)
@@ -339,6 +340,7 @@ def test_run_page_puts_calibration_and_healing_into_the_job_plan(tiny_llama_dir,
     job = jobs.list_jobs()[0]
     plan = Plan.from_json(job.plan_json)
     assert (plan.heal_steps, plan.calib_tokens, plan.calib, plan.heal_core_lr_scale) == (5, 512, "default", 0.0)
+    assert plan.sequential
     jobs.request_cancel(job.id)
 
 
