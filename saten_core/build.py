@@ -138,6 +138,7 @@ def compress_loaded(loaded: Any, plan: Plan, *, progress: Progress | None = None
         info = compress_loaded(loaded, Plan(method="saten-aw", target_ratio=0.5, heal_steps=100))
     """
     from saten_core.compress import compress_
+    from saten_core.models import to_working_precision
 
     plan.validate()
     text = calibration_text(plan) if plan.needs_calibration() else None
@@ -159,6 +160,7 @@ def compress_loaded(loaded: Any, plan: Plan, *, progress: Progress | None = None
         info["layers"] = compress_(loaded.model, plan, progress=progress, should_stop=should_stop, stats=stats)
     stats = None  # free the statistics (hundreds of MB on real models) before healing
     if plan.heal_steps:
+        to_working_precision(loaded.model)  # a block-sequential run kept the model at its deploy dtype
         info["heal"] = heal_loaded(loaded, teacher, plan, text, progress=progress, should_stop=should_stop)
     return info
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from saten_core.plan import Plan
+from saten_core.spec import needs_stats
 
 Progress = Callable[[str, float, str], None]
 EVAL_TOKENS = 2048
@@ -46,7 +47,8 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     start = time.perf_counter()
     loaded = load_model(model_ref, device=dev, dtype=deploy)
     whole_before = parameter_bytes(loaded.model)
-    to_working_precision(loaded.model)
+    if not (plan.sequential and needs_stats(plan.method)):  # block by block: one block in fp32 at a time
+        to_working_precision(loaded.model)
     reference = load_model(model_ref, device=dev, dtype=deploy) if evaluate else None
     teacher = None if reference is None or not plan.heal_steps else to_working_precision(reference.model)
     info = compress_loaded(loaded, plan, progress=progress, should_stop=should_stop, teacher=teacher)

@@ -106,3 +106,20 @@ def test_cli_plan_and_compress_sequential(tiny_llama_dir, tmp_path):
     assert "block 2/2" in res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["order"] == "sequential" and len(report["layers"]) == 14
+
+
+def test_a_16_bit_model_stays_16_bit_but_for_the_block_being_compressed(tiny_llama_dir):
+    """Block by block, only the current block is fp32; the result matches a run on the fp32 model."""
+    plan = Plan(method="saten-aw", target_ratio=0.5, sequential=True, calib_tokens=256, calib_seq_len=64)
+    half = load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    full = load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    full.model.float()
+    seen = []
+    a = compress_loaded(half, plan, progress=lambda stage, f, msg: seen.append(
+        {p.dtype for p in half.model.parameters()}))["layers"]
+    b = compress_loaded(full, plan)["layers"]
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert any(dtypes == {torch.bfloat16, torch.float32} for dtypes in seen)  # one block at work precision
+    assert [r["bytes_after"] for r in a] == [r["bytes_after"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["rel_output_error"] == pytest.approx(y["rel_output_error"], rel=0.05, abs=1e-3), x["name"]

@@ -86,6 +86,18 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.T
     return first, calls
 
 
+def _cast(call: BlockCall, dtype: torch.dtype) -> BlockCall:
+    """The call with its floating-point tensors (hidden states, masks, rotary cos/sin) at `dtype`."""
+    def cast(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, tuple):
+            return tuple(cast(x) for x in v)
+        return v
+
+    return BlockCall(tuple(cast(a) for a in call.args), {k: cast(v) for k, v in call.kwargs.items()})
+
+
 def run_block(block: nn.Module, call: BlockCall) -> torch.Tensor:
     """The block's output hidden states for one call (blocks return a tensor or a tuple led by it)."""
     out = block(*call.args, **call.kwargs)
@@ -113,18 +125,25 @@ def block_stats(block: nn.Module, layers: list[tuple[str, nn.Module]], calls: li
 
 def walk(model: nn.Module, windows: list[torch.Tensor], decoder: bool,
          on_block: Callable[[int, nn.Module, dict[str, Any]], None], layer_names: set[str],
-         progress: Progress | None = None) -> None:
+         progress: Progress | None = None, work_dtype: torch.dtype = torch.float32) -> None:
     """Call on_block(i, block, stats of its `layer_names`) for every block in order, each block's statistics taken
-    on the outputs of the blocks before it as they are after their on_block (compressed)."""
+    on the outputs of the blocks before it as they are after their on_block (compressed).
+
+    Only the current block is cast to `work_dtype` (fp32: compression's working precision) and back to its stored
+    dtype afterwards, so a 16-bit model stays 16-bit but for one block; the hidden states are kept in work_dtype.
+    """
     prefix, blocks = transformer_blocks(model)
     hidden, recorded = capture_calls(model, blocks, windows, decoder)
     for i, block in enumerate(blocks):
-        calls = [call.with_hidden(h) for call, h in zip(recorded[i], hidden, strict=True)]
+        stored = next(block.parameters()).dtype
+        block.to(work_dtype)
+        calls = [_cast(call.with_hidden(h), work_dtype) for call, h in zip(recorded[i], hidden, strict=True)]
         own = f"{prefix}.{i}." if prefix else f"{i}."
         layers = [(name, m) for name, m in model.named_modules() if name in layer_names and name.startswith(own)]
         on_block(i, block, block_stats(block, layers, calls) if layers else {})
         with torch.no_grad():
             hidden = [run_block(block, c) for c in calls]
+        block.to(stored)
         recorded[i] = []  # this block's masks / embeddings are not needed again
         if progress is not None:
             progress("calibrate", (i + 1) / len(blocks), f"block {i + 1}/{len(blocks)} calibrated and compressed")
