@@ -135,7 +135,7 @@ def test_compress_to_dir_calibrates_heals_and_reloads(tiny_llama_dir, tmp_path):
     heal = report["heal"]
     assert len(heal["loss_curve"]) == 3 and [s for s, _ in heal["eval_curve"]] == [0, 1, 2, 3]
     assert heal["config"]["steps"] == 3 and heal["config"]["lr"] == 1e-3 and heal["seconds"] > 0
-    assert report["calibration"] == {"source": "default", "tokens": 256, "seq_len": 128,
+    assert report["calibration"] == {"source": "default", "tokens": 256, "seq_len": 128, "order": "all-at-once",
                                      "seconds": report["calibration"]["seconds"]}
     assert all(0 < r["rel_output_error"] < 1 for r in report["layers"])
     assert report["totals"]["bytes_after"] <= 0.6 * report["totals"]["bytes_before"]
