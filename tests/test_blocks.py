@@ -123,3 +123,27 @@ def test_a_16_bit_model_stays_16_bit_but_for_the_block_being_compressed(tiny_lla
     assert [r["bytes_after"] for r in a] == [r["bytes_after"] for r in b]
     for x, y in zip(a, b, strict=True):
         assert x["rel_output_error"] == pytest.approx(y["rel_output_error"], rel=0.05, abs=1e-3), x["name"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_capture_runs_no_later_block_and_no_head(fixture, request):
+    """The capture records every block's call from stand-ins: no linear of blocks 1.. runs, the forward stops
+    before the head / pooler, and the blocks are restored afterwards."""
+    from saten_core.blocks.walk import capture_calls
+
+    loaded = _loaded(request.getfixturevalue(fixture))
+    _, blocks = transformer_blocks(loaded.model)
+    windows = token_windows(loaded.tokenizer, calibration_text(Plan()), 192, 64)
+    ran: list[str] = []
+    watched = [m for b in blocks[1:] for m in b.modules() if isinstance(m, nn.Linear)]
+    watched += [m for name, m in loaded.model.named_modules() if name.endswith(("lm_head", "pooler"))]
+    handles = [m.register_forward_hook(lambda *a: ran.append("x")) for m in watched]
+    first, calls = capture_calls(loaded.model, blocks, windows, loaded.kind == "decoder")
+    assert ran == []
+    assert len(first) == len(windows) and all(len(c) == len(windows) for c in calls)
+    assert all("forward" not in vars(b) for b in blocks)  # the stand-ins are gone
+    with torch.no_grad():
+        loaded.model(input_ids=windows[0].reshape(1, -1))
+    for h in handles:
+        h.remove()
+    assert ran  # the real blocks run again after the capture
