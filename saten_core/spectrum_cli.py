@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="registry name, local HF folder or hub id")
     p.add_argument("--json", required=True, metavar="OUT", help="output JSON file ('-' for stdout)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="dtype the weights are read at (default bfloat16, the deploy "
+                   "dtype the pages and spectrum jobs use, so they share one cache entry)")
     p.add_argument("--no-cache", action="store_true", help="recompute even when a cached spectrum matches")
     p.set_defaults(func=handler)
 
@@ -32,12 +34,14 @@ def check_writable(out: str) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from saten_core.deploy.dtype import DEFAULT_DTYPE, check_dtype, torch_dtype
     from saten_core.files import atomic_write_text
     from saten_core.models import load_model
     from saten_core.spectrum import model_spectra
 
     check_writable(args.json)
-    loaded = load_model(args.model, device="cpu")
+    dtype = torch_dtype(check_dtype(args.dtype or DEFAULT_DTYPE))  # not fp32: that doubles a 16-bit folder
+    loaded = load_model(args.model, device="cpu", dtype=dtype)
     progress = lambda stage, frac, msg: print(f"[{stage} {frac:4.0%}] {msg}", file=sys.stderr, flush=True)
     data = model_spectra(loaded.model, device=args.device, use_cache=not args.no_cache, progress=progress)
     data = {"model": loaded.name, "ref": loaded.ref, **data}

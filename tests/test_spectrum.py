@@ -132,6 +132,17 @@ def test_cli_writes_layers_json(tiny_llama_dir, tmp_path):
                 "tt_unfoldings"):
         assert key in entry
     assert set(entry["rank_at_energy"]) == {"0.9", "0.95", "0.99"}
+    assert entry["dtype"] == "bfloat16"  # the deploy dtype the pages read: one cache entry, half of fp32's memory
+
+
+def test_cli_dtype_is_the_weights_dtype_and_checked(tiny_llama_dir, tmp_path, capsys):
+    from saten_core.__main__ import main
+
+    out = tmp_path / "spec.json"
+    assert main(["spectrum", "--model", str(tiny_llama_dir), "--json", str(out), "--dtype", "float32"]) == 0
+    assert {layer["dtype"] for layer in json.loads(out.read_text())["layers"]} == {"float32"}
+    assert main(["spectrum", "--model", str(tiny_llama_dir), "--json", str(out), "--dtype", "int4"]) == 2
+    assert "int4" in capsys.readouterr().err
 
 
 def test_cli_bad_model_and_unwritable_out_exit_2(tiny_llama_dir, tmp_path, capsys):
