@@ -6,8 +6,8 @@ Writes a random-weight bf16 folder with LLaMA-3.2-1B's config (hidden 2048, 16 l
 vocab 128256, tied embeddings; --layers N keeps N blocks) in sharded safetensors, with SmolLM2's tokenizer (its
 ids fit the vocabulary: random weights say nothing about quality, only time and memory). Then each stage runs as
 the CLI a user would type, in its own process: spectrum -> plan --allocate (saten-aw 50%) -> compress --sequential
-(4096 calibration tokens) -> eval. Each row: the stage, its wall seconds and the child's peak RSS (wait4's
-ru_maxrss), next to the folder's bf16 weight bytes.
+(4096 calibration tokens) -> eval. Each row: the stage, its wall seconds and the child's peak RSS (its VmHWM,
+polled), next to the folder's bf16 weight bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,17 +57,45 @@ def write_folder(folder: Path, layers: int) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def _hwm_bytes(pid: int) -> int | None:
+    """VmHWM of a live process: the peak resident set of its own address space (reset by exec)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_stage(name: str, args: list[str]) -> dict:
-    """One CLI stage in a fresh process: wall seconds, peak RSS of that process, exit code, last stderr line."""
+    """One CLI stage in a fresh process: wall seconds, its peak RSS, exit code, last stderr line.
+
+    The peak is the child's VmHWM, polled every 0.1 s until it exits (monotonic, so the last read holds unless the
+    peak falls in the final 0.1 s). Why not wait4's ru_maxrss: Linux carries the parent's high-water mark into
+    the child at exec, so a parent that once held the model it wrote would be measured instead of the stage.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "saten_core", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    tail = err.strip().splitlines()[-1:] if err.strip() else []
-    return {"stage": name, "seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "rc": proc.returncode, "stderr_tail": tail[0][:300] if tail else ""}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "saten_core", *args], stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _hwm_bytes(proc.pid) or 0)
+            time.sleep(0.1)
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+    blocks = [line for line in lines if "block " in line]
+    return {"stage": name, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak, "rc": proc.returncode,
+            "stderr_tail": lines[-1][:300] if lines else "", "block_lines": blocks[-3:]}
+
+
+def written_folder(folder: Path, layers: int) -> int:
+    """write_folder in a child process, so this one never holds the model (see run_stage on ru_maxrss)."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_scale; " \
+           f"print(bench_scale.write_folder(__import__('pathlib').Path({str(folder)!r}), {layers}))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def stages(folder: Path, work: Path, tokens: int) -> list[tuple[str, list[str]]]:
@@ -93,7 +122,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    weight_bytes = write_folder(folder, args.layers)
+    weight_bytes = written_folder(folder, args.layers)
     meta = {"layers": args.layers, "weight_bytes_bf16": weight_bytes, "tokens": args.tokens,
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__}

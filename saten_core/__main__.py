@@ -160,10 +160,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--allocate-spectra whitened needs --allocate and an activation-aware method "
                          f"(saten-aw, svd-w, wanda), got method {plan.method}")
     from saten_core.files import atomic_write_text
+    from saten_core.lazy import skeleton
     from saten_core.models import load_model
     from saten_core.plan import dry_run, dry_run_totals, predicted_model_bytes
 
-    loaded = load_model(args.model, device="cpu", dtype=plan.torch_dtype())
+    whitened = args.allocate and args.allocate_spectra == "whitened"  # needs the weights to run calibration
+    loaded = (load_model if whitened else skeleton)(args.model, dtype=plan.torch_dtype())  # else: shapes only
     plan = sized_plan(plan, loaded, args)
     rows = dry_run(loaded.model, plan)  # validates every layer against the plan before anything is written
     tot = dry_run_totals(rows)
@@ -188,7 +190,12 @@ def sized_plan(plan, loaded, args: argparse.Namespace):
         from saten_core.allocate import activation_spectra, allocate_plan
 
         progress = tenths(stderr_progress)
-        spectra = activation_spectra(loaded, plan, progress=progress) if args.allocate_spectra == "whitened" else None
+        if args.allocate_spectra == "whitened":
+            spectra = activation_spectra(loaded, plan, progress=progress)
+        else:  # the weights' spectra, read one layer at a time (the disk cache when present)
+            from saten_core.spectrum import stored_spectra
+
+            spectra = stored_spectra(args.model, dtype=plan.torch_dtype(), progress=progress)
         plan = allocate_plan(loaded, plan, progress=progress, spectra=spectra)
     return plan
 

@@ -50,12 +50,12 @@ def _hook(stats: dict[str, InputStats], name: str, seen: dict[int, tuple]) -> Ca
                 return
         x = inp.detach().reshape(-1, inp.shape[-1])  # (T, in)
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        xtx = (x.T @ x).to(torch.float64)
+        xtx = x.T @ x
         entry = stats.get(name)
         if entry is None:
-            entry = stats[name] = InputStats(xtx, x.shape[0])
-        else:
-            entry.xtx += xtx
+            entry = stats[name] = InputStats(xtx.to(torch.float64), x.shape[0])
+        else:  # in place, widened element by element: no float64 copy of the product (537 MB at 8192 inputs)
+            entry.xtx.add_(xtx)
             entry.tokens += x.shape[0]
         seen[id(inp)] = (inp, entry)
 
@@ -118,11 +118,12 @@ def whitening_factor(stats: InputStats, damp: float = 1e-2) -> torch.Tensor:
     """
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    c = stats.second_moment()
-    ridge = damp * c.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    c = stats.second_moment()  # a new tensor: its diagonal is damped in place (no identity, no second copy)
+    diag = c.diagonal().clone()
+    ridge = damp * diag.mean().clamp_min(1e-12)
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(c + ridge * (10**attempt) * eye)
+        c.diagonal().copy_(diag + ridge * (10**attempt))
+        factor, info = torch.linalg.cholesky_ex(c)
         if int(info) == 0:
             return factor
     raise ValueError(f"input second moment is not positive definite even with damping {damp * 1e5}")

@@ -348,3 +348,71 @@ def model_spectra(model: nn.Module, *, device: str = "auto", order: int = 2, use
     data["fingerprint"] = fingerprint
     save_cached(fingerprint, data)
     return {**data, "cached": False}
+
+
+def _source_path(key: str):
+    return saten_home() / "spectra" / "sources" / f"{key}.json"
+
+
+def remember_source(key: str, fingerprint: str) -> None:
+    """Record that the folder with lazy.folder_key `key` has spectra under `fingerprint` (atomic write)."""
+    atomic_write_text(_source_path(key), json.dumps({"fingerprint": fingerprint}))
+
+
+def cached_for_source(key: str) -> dict | None:
+    """The cached spectra of the folder with this lazy.folder_key, without reading its weights; None if unknown
+    (never computed, files changed since, or the cache entry is gone or damaged)."""
+    try:
+        fingerprint = json.loads(_source_path(key).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    data = load_cached(str(fingerprint))
+    return None if data is None else {**data, "cached": True}
+
+
+def stored_spectra(ref: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "auto", order: int = 2,
+                   use_cache: bool = True, progress: Progress | None = None) -> dict:
+    """model_spectra of a model read one layer at a time from its folder (lazy.StoredLinears): the same
+    fingerprint and cache entry as model_spectra on the loaded model, at the memory of one layer.
+
+    Falls back to loading the model whole when the folder's tensor names differ from its modules.
+    """
+    from saten_core.lazy import StoredLinears, folder_key, skeleton
+    from saten_core.models import block_linears, load_model
+
+    lm = skeleton(ref, dtype)
+    key = folder_key(lm.source_dir, dtype)
+    names = [name for name, _ in block_linears(lm.model)]
+    try:
+        layers = StoredLinears(lm.source_dir, names, dtype)
+    except ValueError:
+        data = model_spectra(load_model(ref, dtype=dtype).model, device=device, order=order, use_cache=use_cache,
+                             progress=progress)
+        remember_source(key, data["fingerprint"])
+        return data
+    data = _stream_spectra(layers, device=_resolve_device(device), order=order, use_cache=use_cache,
+                           progress=progress)
+    remember_source(key, data["fingerprint"])
+    return data
+
+
+def _stream_spectra(layers: Sequence[tuple[str, nn.Linear]], *, device: str, order: int, use_cache: bool,
+                    progress: Progress | None) -> dict:
+    """Fingerprint pass, then (cache miss) one compute_spectra per layer, merged as one result."""
+    fingerprint = weights_fingerprint(layers, extra=f"order={order}")
+    cached = load_cached(fingerprint) if use_cache else None
+    if cached is not None:
+        if progress:
+            progress("spectrum", 1.0, "loaded from cache")
+        return {**cached, "cached": True}
+    t0, svd, entries = time.perf_counter(), 0.0, []
+    for i, (name, lin) in enumerate(layers):
+        one = compute_spectra([(name, lin)], device=device, order=order)
+        entries += one["layers"]
+        svd += one["seconds_svdvals"]
+        if progress:
+            progress("spectrum", (i + 1) / len(layers), f"layer {i + 1}/{len(layers)}: {name}")
+    data = {**one, "seconds": time.perf_counter() - t0, "seconds_svdvals": svd, "layers": entries,
+            "fingerprint": fingerprint} if entries else {"layers": [], "fingerprint": fingerprint}
+    save_cached(fingerprint, data)
+    return {**data, "cached": False}

@@ -36,15 +36,16 @@ def check_writable(out: str) -> None:
 def handler(args: argparse.Namespace) -> int:
     from saten_core.deploy.dtype import DEFAULT_DTYPE, check_dtype, torch_dtype
     from saten_core.files import atomic_write_text
-    from saten_core.models import load_model
-    from saten_core.spectrum import model_spectra
+    from saten_core.models import resolve_ref
+    from saten_core.spectrum import stored_spectra
 
     check_writable(args.json)
     dtype = torch_dtype(check_dtype(args.dtype or DEFAULT_DTYPE))  # not fp32: that doubles a 16-bit folder
-    loaded = load_model(args.model, device="cpu", dtype=dtype)
+    name, _ = resolve_ref(args.model, check_dtype(args.dtype or DEFAULT_DTYPE))
     progress = lambda stage, frac, msg: print(f"[{stage} {frac:4.0%}] {msg}", file=sys.stderr, flush=True)
-    data = model_spectra(loaded.model, device=args.device, use_cache=not args.no_cache, progress=progress)
-    data = {"model": loaded.name, "ref": loaded.ref, **data}
+    data = stored_spectra(args.model, dtype=dtype, device=args.device, use_cache=not args.no_cache,
+                          progress=progress)  # one layer in memory at a time
+    data = {"model": name, "ref": args.model, **data}
     text = json.dumps(data, separators=(",", ":"))
     if args.json == "-":
         print(text)

@@ -178,8 +178,8 @@ def execute(job: store.Job, pid: int) -> str:
 
 def _run_spectrum(run: JobRun) -> dict[str, Any]:
     """All-layer spectra of the job's model into the spectrum disk cache (the dashboard reads them from there)."""
-    from saten_core.models import load_model, resolve_device
-    from saten_core.spectrum import model_spectra
+    from saten_core.models import resolve_device
+    from saten_core.spectrum import stored_spectra
 
     device = resolve_device(run.job.device_requested)
     store.update_running(run.job.id, run.pid, device_used=device)
@@ -187,7 +187,7 @@ def _run_spectrum(run: JobRun) -> dict[str, Any]:
     from saten_core.plan import Plan
 
     dtype = Plan.from_json(run.job.plan_json).torch_dtype()  # the dtype the pages load the weights at
-    data = model_spectra(load_model(run.job.model_ref, dtype=dtype).model, device=device, progress=run.progress)
+    data = stored_spectra(run.job.model_ref, dtype=dtype, device=device, progress=run.progress)  # layer by layer
     summary = {"task": "spectrum", "fingerprint": data["fingerprint"], "layers": len(data["layers"]),
                "cached": data["cached"], "seconds": data.get("seconds")}
     return {"result_json": json.dumps(summary), "stage": "done", "fraction": 1.0, "eta_seconds": 0.0,
