@@ -76,18 +76,22 @@ def run_stage(name: str, args: list[str]) -> dict:
     the child at exec, so a parent that once held the model it wrote would be measured instead of the stage.
     """
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "saten_core", *args], stdout=subprocess.DEVNULL,
-                                stderr=err, text=True)
+    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "saten_core", *args], stdout=out, stderr=err, text=True)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, _hwm_bytes(proc.pid) or 0)
             time.sleep(0.1)
         err.seek(0)
-        lines = err.read().strip().splitlines()
+        out.seek(0)
+        lines, printed = err.read().strip().splitlines(), out.read()
     blocks = [line for line in lines if "block " in line]
-    return {"stage": name, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak, "rc": proc.returncode,
-            "stderr_tail": lines[-1][:300] if lines else "", "block_lines": blocks[-3:]}
+    row = {"stage": name, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak, "rc": proc.returncode,
+           "stderr_tail": lines[-1][:300] if lines else "", "block_lines": blocks[-3:]}
+    if name == "eval" and proc.returncode == 0:  # the --json result: quality and the side-by-side speed ratios
+        result = json.loads(printed)
+        row["eval"] = {k: result.get(k) for k in ("ppl", "kl", "decode_ratio", "prefill_ratio", "ratio_reference")}
+    return row
 
 
 def written_folder(folder: Path, layers: int) -> int:
@@ -98,15 +102,15 @@ def written_folder(folder: Path, layers: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def stages(folder: Path, work: Path, tokens: int) -> list[tuple[str, list[str]]]:
+def stages(folder: Path, work: Path, tokens: int, device: str = "cpu") -> list[tuple[str, list[str]]]:
     plan = work / "plan.json"
     return [
-        ("spectrum", ["spectrum", "--model", str(folder), "--json", str(work / "spectrum.json"), "--device", "cpu"]),
+        ("spectrum", ["spectrum", "--model", str(folder), "--json", str(work / "spectrum.json"), "--device", device]),
         ("plan --allocate", ["plan", "--model", str(folder), "--method", "saten-aw", "--target-ratio", "0.5",
                              "--allocate", "--sequential", "--calib-tokens", str(tokens), "--out", str(plan)]),
         ("compress --sequential", ["compress", "--model", str(folder), "--plan", str(plan), "--out",
-                                   str(work / "compressed"), "--device", "cpu"]),
-        ("eval", ["eval", "--model", str(work / "compressed"), "--json", "--device", "cpu", "--tokens", "1024"]),
+                                   str(work / "compressed"), "--device", device]),
+        ("eval", ["eval", "--model", str(work / "compressed"), "--json", "--device", device, "--tokens", "1024"]),
     ]
 
 
@@ -116,6 +120,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     ap.add_argument("--folder", default="/tmp/saten_scale_1b", help="where the random model is written")
     ap.add_argument("--only", nargs="*", default=None, help="stages to run (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh's 1B-shaped section)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     folder, work = Path(args.folder) / f"l{args.layers}", Path(args.folder) / f"l{args.layers}-work"
@@ -125,11 +130,12 @@ def main() -> None:
     weight_bytes = written_folder(folder, args.layers)
     meta = {"layers": args.layers, "weight_bytes_bf16": weight_bytes, "tokens": args.tokens,
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "device": args.device}
     print(f"folder {folder}: {weight_bytes / 2**30:.2f} GiB bf16 ({time.perf_counter() - start:.0f} s)", flush=True)
     shutil.rmtree(work / "compressed", ignore_errors=True)  # compress writes a new folder
     with open(args.out, "a") as out:
-        for name, cli in stages(folder, work, args.tokens):
+        for name, cli in stages(folder, work, args.tokens, args.device):
             if args.only and name not in args.only:
                 continue
             row = {**run_stage(name, cli), **meta}
