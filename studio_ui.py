@@ -7,6 +7,7 @@ Imports go one way: app_pages -> studio_ui -> saten_core (which never imports st
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +17,9 @@ DEFAULT_MODEL = "smollm2-135m"
 MODEL_KEY = "model_ref"  # plain session value (not a widget key), so it survives page switches
 PLAN_KEY = "plan_json"
 DTYPE_KEY = "deploy_dtype"  # plain session value: the dtype the model is served in, chosen on the Model page
+# Above this many bytes of safetensors the page process holds only the model's structure (saten_core.lazy): the
+# pages need names and shapes; spectra come from a background job and single layers are read from disk.
+PAGE_LOAD_BYTES = int(os.environ.get("SATEN_PAGE_LOAD_BYTES", 2**30))
 # Human names for saten_core.spec.METHODS; a method added there and not here shows under its code name.
 METHOD_LABELS = {
     "saten": "Saten: tensor train + sparse residual",
@@ -51,10 +55,26 @@ def deploy_dtype() -> str:
 
 @st.cache_resource(show_spinner="Loading model ...", max_entries=2)
 def _load_at(ref: str, dtype: str) -> Any:
+    """The model at `dtype`; over PAGE_LOAD_BYTES on disk its structure only (device "meta", see is_lazy)."""
     from saten_core.deploy.dtype import torch_dtype
-    from saten_core.models import load_model
+    from saten_core.lazy import skeleton
+    from saten_core.models import load_model, resolve_ref
 
-    return load_model(ref, dtype=torch_dtype(dtype))
+    _, folder = resolve_ref(ref, dtype)
+    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return (skeleton if on_disk > PAGE_LOAD_BYTES else load_model)(ref, dtype=torch_dtype(dtype))
+
+
+def is_lazy(lm: Any) -> bool:
+    """True when the page holds the model's structure only (a model over PAGE_LOAD_BYTES)."""
+    return getattr(lm, "device", None) == "meta"
+
+
+def _folder_spectra(lm: Any) -> dict | None:
+    from saten_core.lazy import folder_key
+    from saten_core.spectrum import cached_for_source
+
+    return cached_for_source(folder_key(lm.source_dir, lm.dtype))
 
 
 def _load(ref: str) -> Any:
@@ -77,7 +97,10 @@ def spectra(ref: str) -> dict:
     """All-layer spectra from saten_core.spectrum's disk cache (call only when _spectra_on_disk says they exist)."""
     from saten_core.spectrum import model_spectra
 
-    return model_spectra(_load(ref).model)
+    lm = _load(ref)
+    if is_lazy(lm):
+        return _folder_spectra(lm) or {}
+    return model_spectra(lm.model)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -85,7 +108,10 @@ def _spectra_on_disk(ref: str) -> bool:
     from saten_core.models import linear_layers
     from saten_core.spectrum import cache_path, weights_fingerprint
 
-    return cache_path(weights_fingerprint(linear_layers(_load(ref).model), extra="order=2")).exists()
+    lm = _load(ref)
+    if is_lazy(lm):  # found by the folder's files, without reading its weights
+        return _folder_spectra(lm) is not None
+    return cache_path(weights_fingerprint(linear_layers(lm.model), extra="order=2")).exists()
 
 
 def spectra_if_ready(ref: str) -> dict | None:
@@ -118,7 +144,12 @@ def layer_spectrum(ref: str, name: str) -> dict:
     from saten_core.models import linear_layers
     from saten_core.spectrum import compute_spectra
 
-    layers = dict(linear_layers(_load(ref).model))
+    lm = _load(ref)
+    if is_lazy(lm):  # one layer read from disk, not the model
+        from saten_core.lazy import read_linear
+
+        return compute_spectra([(name, read_linear(lm.source_dir, name, lm.dtype))])["layers"][0]
+    layers = dict(linear_layers(lm.model))
     return compute_spectra([(name, layers[name])])["layers"][0]
 
 

@@ -535,3 +535,30 @@ def test_results_page_shows_memory_speed_verdict_and_the_free_cast(monkeypatch, 
     size_chart = at.get("plotly_chart")[0].proto.spec
     assert CAST_LABEL in size_chart
     assert any(CAST_LABEL in c.value for c in at.caption)
+
+
+def test_a_model_over_the_page_limit_is_planned_without_loading_its_weights(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                           no_spawn):
+    """Over PAGE_LOAD_BYTES the page process holds the structure only (meta): one layer is read from disk, the
+    all-layer spectra come from the job and are found by the folder's files, and allocation works on them."""
+    import shutil
+
+    import studio_ui
+
+    folder = tmp_path / "big"
+    shutil.copytree(tiny_llama_dir, folder)
+    monkeypatch.setattr(studio_ui, "PAGE_LOAD_BYTES", 0)
+    at = page("app_pages/spectrum.py", model=str(folder))
+    no_exception(at)
+    assert studio_ui.is_lazy(studio_ui._load_at(str(folder), "bfloat16"))
+    assert metric(at, "Shape (out x in)") == "64 x 64"  # the first layer, read from the safetensors file
+    scan_all_layers(at)
+    no_exception(at)
+    assert at.dataframe[0].value.shape[0] == 14
+    at.switch_page("app_pages/plan.py").run()
+    no_exception(at)
+    at.slider(key="plan_target").set_value(0.6).run()
+    at.button(key="plan_allocate").click().run()
+    no_exception(at)
+    assert len(at.session_state["plan_overrides"]) == 14
+    assert float(metric(at, "Kept").rstrip("%")) / 100 <= 0.6
