@@ -118,12 +118,17 @@ def whitening_factor(stats: InputStats, damp: float = 1e-2) -> torch.Tensor:
     """
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    c = stats.second_moment()  # a new tensor: its diagonal is damped in place (no identity, no second copy)
+    # Memory: C is a new tensor, damped on its diagonal and factored in place (LAPACK's potrf is in place):
+    # one (in, in) float64 matrix at a time, 537 MB at 8192 inputs, instead of C, C + ridge*I and L.
+    c = stats.second_moment()
     diag = c.diagonal().clone()
     ridge = damp * diag.mean().clamp_min(1e-12)
+    info = torch.empty((), dtype=torch.int32, device=c.device)
     for attempt in range(6):
+        if attempt:
+            c = stats.second_moment()  # the failed attempt left a partial factor in c
         c.diagonal().copy_(diag + ridge * (10**attempt))
-        factor, info = torch.linalg.cholesky_ex(c)
+        torch.linalg.cholesky_ex(c, out=(c, info))
         if int(info) == 0:
-            return factor
+            return c
     raise ValueError(f"input second moment is not positive definite even with damping {damp * 1e5}")

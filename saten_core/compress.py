@@ -85,7 +85,7 @@ def compress_layer(model: nn.Module, name: str, linear: nn.Linear, spec: Any, st
         w = linear.weight.float()
         delta = new.to_dense().float() - w
         rel_error = (torch.linalg.norm(delta) / torch.linalg.norm(w).clamp_min(1e-30)).item()
-        out_error = None if stats is None else relative_output_error(delta, w, stats.second_moment())
+        out_error = None if stats is None else relative_output_error(delta, w, stats.xtx)  # scale-free: X^T X, no copy
     report = layer_report(name, linear, new, rel_error, seconds, dtype)
     if out_error is not None:
         report["rel_output_error"] = out_error
@@ -96,7 +96,8 @@ def compress_layer(model: nn.Module, name: str, linear: nn.Linear, spec: Any, st
 def relative_output_error(delta: torch.Tensor, w: torch.Tensor, second_moment: torch.Tensor) -> float:
     """||X dW^T|| / ||X W^T|| on the calibration inputs, from their second moment C: tr(dW C dW^T) ratios.
 
-    delta, w: (out, in) like nn.Linear.weight; second_moment: (in, in).
+    delta, w: (out, in) like nn.Linear.weight; second_moment: (in, in), any positive multiple of it (the ratio
+    is scale-free, so callers pass X^T X itself rather than a divided copy).
     """
     c = second_moment.to(w.device, torch.float64)
     d, w = delta.double(), w.double()

@@ -81,3 +81,14 @@ def test_layers_fed_the_same_tensor_share_one_entry():
     assert stats["q"] is stats["k"] and stats["q"] is not stats["o"]
     assert stats["k"].tokens == 100 and stats["o"].tokens == 100
     torch.testing.assert_close(stats["k"].xtx, x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_factor_retries_with_more_damping_from_a_fresh_moment():
+    """A first damping too small for an indefinite moment fails; the retry starts from the moment again (the
+    in-place factorisation overwrote it) with ten times the ridge, and the stats are left untouched."""
+    xtx = torch.diag(torch.tensor([1.0, 1.0, -0.02], dtype=torch.float64))
+    stats = InputStats(xtx.clone(), 1)
+    low = whitening_factor(stats)  # ridge 0.01 * mean diag: fails once, then 10x
+    ridge = 0.01 * float(xtx.diagonal().mean()) * 10
+    torch.testing.assert_close(low @ low.T, xtx + ridge * torch.eye(3, dtype=torch.float64))
+    assert torch.equal(stats.xtx, xtx)

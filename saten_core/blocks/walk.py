@@ -192,7 +192,7 @@ def compress_blockwise(model: nn.Module, plan: Any, windows: list[torch.Tensor],
         for name, linear, spec in own:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled after {len(reports)} of {len(todo)} layers (block {i})")
-            reports.append(compress_layer(model, name, linear, spec, stats.get(name), dtype))
+            reports.append(compress_layer(model, name, linear, spec, stats.pop(name, None), dtype))  # freed after
         if progress is not None and own:
             progress("compress", len(reports) / len(todo), f"block {i + 1}/{len(blocks)}: {len(own)} layers")
 
