@@ -39,7 +39,7 @@ def write_folder(folder: Path, layers: int) -> int:
 
     config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers}, torch_dtype="bfloat16")
     marker = folder / "bench_scale.json"
-    if marker.exists() and json.loads(marker.read_text()) == config.to_dict():
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(config.to_dict())):  # tuples
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -45,9 +45,10 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     dev, deploy = resolve_device(device), plan.torch_dtype()
     _report(progress, "load", 0.0, f"loading {model_ref} on {dev} at {plan.dtype}")
     start = time.perf_counter()
-    loaded = load_model(model_ref, device=dev, dtype=deploy)
+    blockwise = plan.sequential and needs_stats(plan.method)  # one block in fp32 at a time, replaced in place
+    loaded = load_model(model_ref, device=dev, dtype=deploy, mmap=not blockwise)  # freed as layers are replaced
     whole_before = parameter_bytes(loaded.model)
-    if not (plan.sequential and needs_stats(plan.method)):  # block by block: one block in fp32 at a time
+    if not blockwise:
         to_working_precision(loaded.model)
     reference = load_model(model_ref, device=dev, dtype=deploy) if evaluate else None
     teacher = None if reference is None or not plan.heal_steps else to_working_precision(reference.model)
