@@ -341,14 +341,10 @@ def _load_tokenizer(folder: Path) -> Any:
         raise ValueError(f"cannot load tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
 
 
-def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               mmap: bool = True) -> LoadedModel:
+def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a registry name, local HF folder or hub id (safetensors only, no remote code) in eval mode, at `dtype`.
 
     `dtype` is the deploy dtype (a plan's `dtype`): a bf16 folder stays bf16, an fp32 one is cast.
-    `mmap=False` reads the files into process memory instead of mapping them: for a run that replaces the
-    weights layer by layer (block-sequential compression), since the pages of a mapped file a layer was read
-    from stay resident while the file is mapped, next to the layer's replacement.
 
     Example:
         lm = load_model("smollm2-135m")
@@ -364,8 +360,7 @@ def load_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.floa
     check_weights(folder)
     kind = REGISTRY[ref].kind if ref in REGISTRY else config_kind(config)
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-                                 disable_mmap=not mmap)
+    model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model = model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=_load_tokenizer(folder), name=name, kind=kind, ref=ref,
                        config=model.config, source_dir=folder, device=dev, dtype=dtype)

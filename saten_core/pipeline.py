@@ -46,7 +46,7 @@ def compress_to_dir(model_ref: str, plan: Plan, out_dir: str | Path, *, device: 
     _report(progress, "load", 0.0, f"loading {model_ref} on {dev} at {plan.dtype}")
     start = time.perf_counter()
     blockwise = plan.sequential and needs_stats(plan.method)  # one block in fp32 at a time, replaced in place
-    loaded = load_model(model_ref, device=dev, dtype=deploy, mmap=not blockwise)  # freed as layers are replaced
+    loaded = load_model(model_ref, device=dev, dtype=deploy)
     whole_before = parameter_bytes(loaded.model)
     if not blockwise:
         to_working_precision(loaded.model)

@@ -97,9 +97,3 @@ def test_cli_plan_allocate_reads_the_folder_lazily_and_matches_the_loaded_alloca
                                                                                        target_ratio=0.5))
     assert Plan.from_json(out.read_text()).overrides == want.overrides
 
-
-def test_load_without_mmap_equals_the_mapped_load(sharded_llama_dir):
-    """mmap=False (block-sequential compression) reads the same weights into process memory."""
-    mapped = load_model(str(sharded_llama_dir), dtype=torch.bfloat16).model.state_dict()
-    read = load_model(str(sharded_llama_dir), dtype=torch.bfloat16, mmap=False).model.state_dict()
-    assert mapped.keys() == read.keys() and all(torch.equal(mapped[k], read[k]) for k in mapped)

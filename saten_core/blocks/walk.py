@@ -162,7 +162,10 @@ def walk(model: nn.Module, windows: list[torch.Tensor], decoder: bool,
         calls = [_cast(call.with_hidden(h), work_dtype) for call, h in zip(recorded[i], hidden, strict=True)]
         own = f"{prefix}.{i}." if prefix else f"{i}."
         layers = [(name, m) for name, m in model.named_modules() if name in layer_names and name.startswith(own)]
-        on_block(i, block, block_stats(block, layers, calls) if layers else {})
+        stats = block_stats(block, layers, calls) if layers else {}
+        del layers  # the originals: on_block replaces them, and they must not outlive that
+        on_block(i, block, stats)
+        del stats
         with torch.no_grad():
             hidden = [run_block(block, c) for c in calls]
         block.to(stored)
@@ -178,9 +181,10 @@ def compress_blockwise(model: nn.Module, plan: Any, windows: list[torch.Tensor],
     from saten_core.compress import Cancelled, compress_layer, planned_layers
 
     plan.validate()
-    todo = planned_layers(model, plan)
+    specs = {name: spec for name, _, spec in planned_layers(model, plan)}  # names, not modules: a compressed
+    # layer's original (cast to fp32 with its block) must be freed once replaced, not kept alive by this list
     prefix, blocks = transformer_blocks(model)
-    outside = [name for name, _, _ in todo if not name.startswith(f"{prefix}.")]
+    outside = [name for name in specs if not name.startswith(f"{prefix}.")]
     if outside:
         raise ValueError(f"layer {outside[0]} is outside the block list {prefix!r}: it cannot be calibrated block "
                          "by block (use the all-at-once calibration)")
@@ -188,13 +192,15 @@ def compress_blockwise(model: nn.Module, plan: Any, windows: list[torch.Tensor],
     dtype = plan.torch_dtype()
 
     def on_block(i: int, block: nn.Module, stats: dict[str, Any]) -> None:
-        own = [t for t in todo if t[0].startswith(f"{prefix}.{i}.")]
-        for name, linear, spec in own:
+        own = [name for name in specs if name.startswith(f"{prefix}.{i}.")]
+        for name in own:
             if should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled after {len(reports)} of {len(todo)} layers (block {i})")
-            reports.append(compress_layer(model, name, linear, spec, stats.pop(name, None), dtype))  # freed after
+                raise Cancelled(f"cancelled after {len(reports)} of {len(specs)} layers (block {i})")
+            linear = model.get_submodule(name)
+            reports.append(compress_layer(model, name, linear, specs[name], stats.pop(name, None), dtype))
+            del linear  # freed after
         if progress is not None and own:
-            progress("compress", len(reports) / len(todo), f"block {i + 1}/{len(blocks)}: {len(own)} layers")
+            progress("compress", len(reports) / len(specs), f"block {i + 1}/{len(blocks)}: {len(own)} layers")
 
-    walk(model, windows, decoder, on_block, {name for name, _, _ in todo}, progress=progress)
+    walk(model, windows, decoder, on_block, set(specs), progress=progress)
     return reports
