@@ -97,3 +97,35 @@ def test_cli_plan_allocate_reads_the_folder_lazily_and_matches_the_loaded_alloca
                                                                                        target_ratio=0.5))
     assert Plan.from_json(out.read_text()).overrides == want.overrides
 
+
+
+def test_release_mapped_drops_only_checkpoint_pages_and_the_values_survive(sharded_llama_dir):
+    from saten_core.lazy.pages import byte_ranges, release_mapped
+
+    model = load_model(str(sharded_llama_dir), dtype=torch.bfloat16).model  # bf16 at bf16: mapped pages
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert release_mapped(byte_ranges(model.parameters())) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # faulted in again from the file
+    ordinary = torch.randn(100_000)
+    copy = ordinary.clone()
+    assert release_mapped(byte_ranges([ordinary])) == 0 and torch.equal(ordinary, copy)
+
+
+def test_blockwise_compression_is_the_same_with_and_without_releasing_pages(sharded_llama_dir, monkeypatch):
+    import saten_core.blocks.walk as walk_module
+    from saten_core.blocks.walk import compress_blockwise
+    from saten_core.build import calibration_text
+    from saten_core.calibrate import token_windows
+
+    def compressed(release: bool) -> dict:
+        if not release:
+            monkeypatch.setattr(walk_module, "release_mapped", lambda ranges: 0)
+        lm = load_model(str(sharded_llama_dir), dtype=torch.bfloat16)
+        plan = Plan(method="saten-aw", target_ratio=0.5, sequential=True)
+        windows = token_windows(lm.tokenizer, calibration_text(plan), 256, 64)
+        compress_blockwise(lm.model, plan, windows, True)
+        return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+    released, kept = compressed(True), compressed(False)
+    assert released.keys() == kept.keys() and all(torch.equal(released[k], kept[k]) for k in kept)

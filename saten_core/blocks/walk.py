@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from saten_core.lazy.pages import byte_ranges, release_mapped
+
 Progress = Callable[[str, float, str], None]
 
 
@@ -158,6 +160,7 @@ def walk(model: nn.Module, windows: list[torch.Tensor], decoder: bool,
     hidden, recorded = capture_calls(model, blocks, windows, decoder)
     for i, block in enumerate(blocks):
         stored = next(block.parameters()).dtype
+        originals = byte_ranges(block.parameters())  # maybe pages of the mapped checkpoint
         block.to(work_dtype)
         calls = [_cast(call.with_hidden(h), work_dtype) for call, h in zip(recorded[i], hidden, strict=True)]
         own = f"{prefix}.{i}." if prefix else f"{i}."
@@ -169,6 +172,9 @@ def walk(model: nn.Module, windows: list[torch.Tensor], decoder: bool,
         with torch.no_grad():
             hidden = [run_block(block, c) for c in calls]
         block.to(stored)
+        live = set(byte_ranges(block.parameters()))  # a cast that changed nothing keeps its tensor
+        release_mapped(r for r in originals if r not in live)  # replaced or cast: their pages need not stay
+        del originals
         recorded[i] = []  # this block's masks / embeddings are not needed again
         if progress is not None:
             progress("calibrate", (i + 1) / len(blocks), f"block {i + 1}/{len(blocks)} calibrated and compressed")
