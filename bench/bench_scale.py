@@ -110,7 +110,8 @@ def stages(folder: Path, work: Path, tokens: int, device: str = "cpu") -> list[t
                              "--allocate", "--sequential", "--calib-tokens", str(tokens), "--out", str(plan)]),
         ("compress --sequential", ["compress", "--model", str(folder), "--plan", str(plan), "--out",
                                    str(work / "compressed"), "--device", device]),
-        ("eval", ["eval", "--model", str(work / "compressed"), "--json", "--device", device, "--tokens", "1024"]),
+        ("eval", ["eval", "--model", str(work / "compressed"), "--json", "--device", device, "--tokens", "1024",
+                  "--latency"]),
     ]
 
 
