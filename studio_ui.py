@@ -109,8 +109,12 @@ def _spectra_on_disk(ref: str) -> bool:
     from saten_core.spectrum import cache_path, weights_fingerprint
 
     lm = _load(ref)
-    if is_lazy(lm):  # found by the folder's files, without reading its weights
-        return _folder_spectra(lm) is not None
+    if is_lazy(lm):  # found by the folder's files, without reading its weights (or parsing the spectra)
+        from saten_core.lazy import folder_key
+        from saten_core.spectrum import source_fingerprint
+
+        fingerprint = source_fingerprint(folder_key(lm.source_dir, lm.dtype))
+        return fingerprint is not None and cache_path(fingerprint).exists()
     return cache_path(weights_fingerprint(linear_layers(lm.model), extra="order=2")).exists()
 
 

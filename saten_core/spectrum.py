@@ -324,6 +324,16 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _from_cache(fingerprint: str, use_cache: bool, progress: Progress | None) -> dict | None:
+    """The cached spectra marked cached=True (reported as progress), or None on a miss or with use_cache off."""
+    cached = load_cached(fingerprint) if use_cache else None
+    if cached is None:
+        return None
+    if progress:
+        progress("spectrum", 1.0, "loaded from cache")
+    return {**cached, "cached": True}
+
+
 def model_spectra(model: nn.Module, *, device: str = "auto", order: int = 2, use_cache: bool = True,
                   progress: Progress | None = None) -> dict:
     """Spectra of every compressible linear layer of `model`, from the disk cache when the weights match.
@@ -339,11 +349,9 @@ def model_spectra(model: nn.Module, *, device: str = "auto", order: int = 2, use
 
     layers = block_linears(model)
     fingerprint = weights_fingerprint(layers, extra=f"order={order}")
-    cached = load_cached(fingerprint) if use_cache else None
+    cached = _from_cache(fingerprint, use_cache, progress)
     if cached is not None:
-        if progress:
-            progress("spectrum", 1.0, "loaded from cache")
-        return {**cached, "cached": True}
+        return cached
     data = compute_spectra(layers, device=_resolve_device(device), order=order, progress=progress)
     data["fingerprint"] = fingerprint
     save_cached(fingerprint, data)
@@ -359,14 +367,19 @@ def remember_source(key: str, fingerprint: str) -> None:
     atomic_write_text(_source_path(key), json.dumps({"fingerprint": fingerprint}))
 
 
+def source_fingerprint(key: str) -> str | None:
+    """The spectra fingerprint recorded for the folder with this lazy.folder_key, or None (never computed)."""
+    try:
+        return str(json.loads(_source_path(key).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cached_for_source(key: str) -> dict | None:
     """The cached spectra of the folder with this lazy.folder_key, without reading its weights; None if unknown
     (never computed, files changed since, or the cache entry is gone or damaged)."""
-    try:
-        fingerprint = json.loads(_source_path(key).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    data = load_cached(str(fingerprint))
+    fingerprint = source_fingerprint(key)
+    data = None if fingerprint is None else load_cached(fingerprint)
     return None if data is None else {**data, "cached": True}
 
 
@@ -400,11 +413,9 @@ def _stream_spectra(layers: Sequence[tuple[str, nn.Linear]], *, device: str, ord
                     progress: Progress | None) -> dict:
     """Fingerprint pass, then (cache miss) one compute_spectra per layer, merged as one result."""
     fingerprint = weights_fingerprint(layers, extra=f"order={order}")
-    cached = load_cached(fingerprint) if use_cache else None
+    cached = _from_cache(fingerprint, use_cache, progress)
     if cached is not None:
-        if progress:
-            progress("spectrum", 1.0, "loaded from cache")
-        return {**cached, "cached": True}
+        return cached
     t0, svd, entries = time.perf_counter(), 0.0, []
     for i, (name, lin) in enumerate(layers):
         one = compute_spectra([(name, lin)], device=device, order=order)
