@@ -70,3 +70,24 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=512)
     return _save(BertModel(cfg).eval(), tok, tmp_path_factory.mktemp("tiny_bert"))
+
+
+def assert_walk_sees_all_at_once_stats(loaded) -> None:
+    """Equivalence: block-by-block statistics of an unchanged model equal one pass over the whole model."""
+    import torch
+
+    from saten_core.blocks.walk import walk
+    from saten_core.build import calibration_text
+    from saten_core.calibrate import collect_input_stats, token_windows
+    from saten_core.models import linear_layers
+    from saten_core.plan import Plan
+
+    text = calibration_text(Plan())
+    layers = linear_layers(loaded.model)
+    want = collect_input_stats(loaded.model, loaded.tokenizer, text, layers, tokens=256, seq_len=64)
+    got: dict = {}
+    walk(loaded.model, token_windows(loaded.tokenizer, text, 256, 64), loaded.kind == "decoder",
+         lambda i, block, stats: got.update(stats), {name for name, _ in layers})
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name].xtx, want[name].xtx, rtol=1e-5, atol=1e-6)

@@ -9,14 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_tokenizer_dir
+from conftest import assert_walk_sees_all_at_once_stats, minilm_tokenizer_dir
 
-from saten_core.blocks.walk import walk
-from saten_core.build import calibration_text
-from saten_core.calibrate import collect_input_stats, token_windows
 from saten_core.lazy import StoredLinears, skeleton
-from saten_core.models import block_linears, linear_layers, load_model
-from saten_core.plan import Plan
+from saten_core.models import block_linears, load_model
 
 SHAPE = {"vocab_size": 30522, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
@@ -56,16 +52,7 @@ def test_lazy_reads_equal_the_loaded_model(arch_dir):
 
 
 def test_walk_sees_what_all_at_once_calibration_sees(arch_dir):
-    loaded = load_model(str(arch_dir))
-    text = calibration_text(Plan())
-    layers = linear_layers(loaded.model)
-    want = collect_input_stats(loaded.model, loaded.tokenizer, text, layers, tokens=256, seq_len=64)
-    got: dict = {}
-    walk(loaded.model, token_windows(loaded.tokenizer, text, 256, 64), True,
-         lambda i, block, stats: got.update(stats), {name for name, _ in layers})
-    assert set(got) == set(want)
-    for name in want:
-        torch.testing.assert_close(got[name].xtx, want[name].xtx, rtol=1e-5, atol=1e-6)
+    assert_walk_sees_all_at_once_stats(load_model(str(arch_dir)))
 
 
 def test_cli_plan_compress_sequential_and_eval(arch_dir, tmp_path):

@@ -174,19 +174,8 @@ def test_gemma3_plan_compress_eval(tmp_path: Path):
 
 def test_tiny_gemma3_block_walk_sees_what_all_at_once_calibration_sees(tiny_gemma3_dir: Path):
     """Gemma 3's sliding and full attention layers get different masks: the walk replays each block's own call."""
-    from saten_core.blocks.walk import walk
-    from saten_core.build import calibration_text
-    from saten_core.calibrate import collect_input_stats, token_windows
-    from saten_core.models import linear_layers, load_model
-    from saten_core.plan import Plan
+    from conftest import assert_walk_sees_all_at_once_stats
 
-    loaded = load_model(str(tiny_gemma3_dir))
-    text = calibration_text(Plan())
-    layers = linear_layers(loaded.model)
-    want = collect_input_stats(loaded.model, loaded.tokenizer, text, layers, tokens=256, seq_len=64)
-    got: dict = {}
-    walk(loaded.model, token_windows(loaded.tokenizer, text, 256, 64), True,
-         lambda i, block, stats: got.update(stats), {name for name, _ in layers})
-    assert set(got) == set(want)
-    for name in want:
-        torch.testing.assert_close(got[name].xtx, want[name].xtx, rtol=1e-5, atol=1e-6)
+    from saten_core.models import load_model
+
+    assert_walk_sees_all_at_once_stats(load_model(str(tiny_gemma3_dir)))
