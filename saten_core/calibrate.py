@@ -50,16 +50,31 @@ def _hook(stats: dict[str, InputStats], name: str, seen: dict[int, tuple]) -> Ca
                 return
         x = inp.detach().reshape(-1, inp.shape[-1])  # (T, in)
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        xtx = x.T @ x
         entry = stats.get(name)
         if entry is None:
-            entry = stats[name] = InputStats(xtx.to(torch.float64), x.shape[0])
-        else:  # in place, widened element by element: no float64 copy of the product (537 MB at 8192 inputs)
-            entry.xtx.add_(xtx)
-            entry.tokens += x.shape[0]
+            n = x.shape[-1]
+            entry = stats[name] = InputStats(torch.zeros(n, n, dtype=torch.float64, device=x.device), 0)
+        accumulate_gram(entry.xtx, x)
+        entry.tokens += x.shape[0]
         seen[id(inp)] = (inp, entry)
 
     return record
+
+
+GRAM_CHUNK = 1 << 22  # elements of one product slab: 16 MB in float32
+
+
+def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x^T x, in row slabs of the product (x (T, in), acc (in, in) float64).
+
+    Why slabs: the whole product of an 8192-input window is a 268 MB float32 temporary next to the 537 MB
+    accumulator; a slab of rows is at most GRAM_CHUNK elements. Each slab is a float32 product (exact enough for
+    a window of <= a few thousand tokens) widened into float64 element by element, in place.
+    """
+    n = x.shape[-1]
+    rows = max(1, GRAM_CHUNK // n)
+    for start in range(0, n, rows):
+        acc[start : start + rows].add_(x[:, start : start + rows].T @ x)
 
 
 def token_windows(tokenizer, text: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
@@ -116,19 +131,28 @@ def whitening_factor(stats: InputStats, damp: float = 1e-2) -> torch.Tensor:
     ||X^T E||_F = ||L^T E||_F, so decomposing L^T W^T minimises the layer's *output* error. The damping keeps
     L invertible when some input directions are never excited. Returned in float64. # (in, in)
     """
+    return damped_factor(stats, damp)[0]
+
+
+def damped_factor(stats: InputStats, damp: float = 1e-2) -> tuple[torch.Tensor, float]:
+    """(L, ridge): whitening_factor's L and the ridge it added, so L L^T = second_moment() + ridge * I.
+
+    Callers that need C = L L^T itself (the ALS refinement of whiten.py) rebuild it from stats.xtx and the ridge
+    instead of multiplying L by its transpose: no third (in, in) matrix and no in^3 product.
+    """
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    # Memory: C is a new tensor, damped on its diagonal and factored in place (LAPACK's potrf is in place):
-    # one (in, in) float64 matrix at a time, 537 MB at 8192 inputs, instead of C, C + ridge*I and L.
-    c = stats.second_moment()
-    diag = c.diagonal().clone()
-    ridge = damp * diag.mean().clamp_min(1e-12)
-    info = torch.empty((), dtype=torch.int32, device=c.device)
+    # Memory: C is a new tensor, damped on its diagonal and factored in place. LAPACK's potrf works in place on
+    # a column-major matrix; C is symmetric, so its transpose view *is* C in column-major order, and factoring
+    # that view (out= the same view) writes L into C's storage with no copy: one (in, in) float64 matrix
+    # (537 MB at 8192 inputs) instead of two. L is returned as that column-major view.
+    diag = stats.xtx.diagonal() / max(stats.tokens, 1)
+    ridge = damp * float(diag.mean().clamp_min(1e-12))
+    info = torch.empty((), dtype=torch.int32, device=stats.xtx.device)
     for attempt in range(6):
-        if attempt:
-            c = stats.second_moment()  # the failed attempt left a partial factor in c
+        c = stats.second_moment().mT  # a fresh one each attempt: a failed one leaves a partial factor
         c.diagonal().copy_(diag + ridge * (10**attempt))
         torch.linalg.cholesky_ex(c, out=(c, info))
         if int(info) == 0:
-            return c
+            return c, ridge * (10**attempt)
     raise ValueError(f"input second moment is not positive definite even with damping {damp * 1e5}")

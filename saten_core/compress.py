@@ -99,11 +99,17 @@ def relative_output_error(delta: torch.Tensor, w: torch.Tensor, second_moment: t
     delta, w: (out, in) like nn.Linear.weight; second_moment: (in, in), any positive multiple of it (the ratio
     is scale-free, so callers pass X^T X itself rather than a divided copy).
     """
+    from saten_core import whiten
+
     c = second_moment.to(w.device, torch.float64)
-    d, w = delta.double(), w.double()
-    num = torch.sum((d @ c) * d)
-    den = torch.sum((w @ c) * w).clamp_min(1e-30)
-    return float(torch.sqrt(num.clamp_min(0) / den))
+    rows = max(1, whiten.SLAB // c.shape[0])  # float64 slabs of <= 32 MB: no float64 copy of the whole weight
+    num = torch.zeros((), dtype=torch.float64, device=w.device)
+    den = torch.zeros((), dtype=torch.float64, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        d, ww = delta[i : i + rows].double(), w[i : i + rows].double()
+        num += torch.sum((d @ c) * d)
+        den += torch.sum((ww @ c) * ww)
+    return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
 
 
 def layer_report(name: str, linear: nn.Linear, new: nn.Module, rel_error: float, seconds: float,

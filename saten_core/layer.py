@@ -28,7 +28,7 @@ from saten_core.sparse import (
 from saten_core.spec import LayerSpec, is_quantized, needs_stats, storage_method
 from saten_core.tensorize import tensorize, tensorized_shape
 from saten_core.tt import capped_ranks, tt_factor_pair, tt_param_count, tt_svd
-from saten_core.whiten import whitened_tt
+from saten_core.whiten import Whitening, output_error, whitened_tt
 
 SPARSE_PATHS = ("auto", "dense", "csr", "gather")
 # Sparse-term rule measured by bench/bench_layer.py on CPU, fp32 (docs/benchmarks/maths.md): at 512 tokens torch
@@ -267,10 +267,11 @@ class SatenLinear(nn.Module):
 
     @staticmethod
     def _lowrank(wt: Tensor, in_f: int, out_f: int, spec: LayerSpec, dtype: torch.dtype,
-                 whiten: Tensor | None = None) -> tuple[list, Tensor]:
+                 whiten: Whitening | None = None) -> tuple[list, Tensor]:
         """TT cores (at the stored dtype) and the residual Wt - TT(Wt) seen by the sparse part (float32).
 
-        With `whiten` (L, L L^T = input second moment) the TT is chosen for output error (whiten.whitened_tt).
+        With `whiten` (L, L L^T = input second moment, and that moment) the TT is chosen for output error
+        (whiten.whitened_tt).
         """
         if not _has_lowrank(spec.method):
             return [], wt
@@ -286,7 +287,7 @@ class SatenLinear(nn.Module):
 
     @classmethod
     def _fit(cls, wt: Tensor, in_f: int, out_f: int, spec: LayerSpec, dtype: torch.dtype,
-             whiten: Tensor | None, scores: Tensor | None) -> tuple:
+             whiten: Whitening | None, scores: Tensor | None) -> tuple:
         """(cores, residual, mask, format, packed): the one-shot split, then `spec.fit_rounds` joint rounds.
 
         Why: the one-shot TT-SVD spends its rank on large entries that the sparse part keeps anyway. Each round
@@ -594,17 +595,18 @@ class SatenLinear(nn.Module):
 
 
 def _activation_inputs(spec: LayerSpec, stats, scores: Tensor | None, in_f: int,
-                       out_f: int) -> tuple[Tensor | None, Tensor | None]:
-    """(whitening factor L or None, mask scores) for the spec's method; data-free methods ignore `stats`."""
+                       out_f: int) -> tuple[Whitening | None, Tensor | None]:
+    """(whitening: L and the moment it factors, or None; mask scores) for the spec's method.
+
+    Data-free methods ignore `stats`.
+    """
     if not needs_stats(spec.method):
         return None, scores
     if stats is None:
         raise ValueError(f"method {spec.method!r} needs calibration input statistics for this layer, got none")
     if tuple(stats.xtx.shape) != (in_f, in_f):
         raise ValueError(f"input statistics of shape {tuple(stats.xtx.shape)} do not fit a layer with {in_f} inputs")
-    from saten_core.calibrate import whitening_factor
-
-    whiten = whitening_factor(stats) if _has_lowrank(spec.method) else None
+    whiten = Whitening.of(stats) if _has_lowrank(spec.method) else None
     if scores is None and _has_sparse(spec):
         scores = stats.column_norms.float()[:, None].expand(in_f, out_f)
     return whiten, scores
@@ -628,12 +630,12 @@ def _sparsegpt_fit(w: Tensor, spec: LayerSpec, stats) -> tuple:
     return [], pruned.mT.contiguous(), mask_t, fmt, packed
 
 
-def _fit_error(residual: Tensor, mask: Tensor, whiten: Tensor | None) -> float:
+def _fit_error(residual: Tensor, mask: Tensor, whiten: Whitening | None) -> float:
     """||L^T (W - TT - S)||_F (output error on the calibration inputs), or ||W - TT - S||_F without L."""
     left = residual.masked_fill(mask, 0.0)
     if whiten is None:
         return float(left.norm())
-    return float((whiten.to(device=left.device, dtype=left.dtype).mT @ left).norm())
+    return output_error(left, whiten.low)
 
 
 def mask_of(layer: SatenLinear) -> Tensor:

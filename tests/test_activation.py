@@ -267,3 +267,39 @@ def test_lossy_input_split_is_refined_in_the_whitened_norm(correlated, rank):
     lin, _, stats = correlated
     d = rett_loss(lin.weight.detach().mT, whitening_factor(stats), [8, 8], [12, 8], max_rank=rank)
     assert d["tt"] <= 1.002 * d["dense"] < d["reference"]
+
+
+def test_refinement_from_the_moment_equals_refinement_from_the_factor(correlated):
+    """C passed as X^T X / T + ridge I (never formed) gives the same ALS cores as C = L L^T formed from L."""
+    from saten_core.whiten import Whitening, refine_input_pair, split_input_side
+
+    lin, _, stats = correlated
+    wt = lin.weight.detach().mT.double()
+    white = Whitening.of(stats)
+    exact = wt[:, :6]  # any (in, r) target factor
+    cores = split_input_side(exact.float(), [8, 8], [3])
+    from_moment = refine_input_pair(cores, white, exact)
+    from_factor = refine_input_pair(cores, Whitening(white.low), exact)
+    for a, b in zip(from_moment, from_factor, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_slabbed_error_products_equal_the_whole_products(correlated, monkeypatch):
+    """output_error, whiten_weight and relative_output_error in tiny slabs equal the one-product formulas."""
+    import saten_core.whiten as wh
+    from saten_core.calibrate import whitening_factor
+    from saten_core.compress import relative_output_error
+
+    lin, _, stats = correlated
+    low = whitening_factor(stats)
+    w = lin.weight.detach()
+    delta = torch.randn_like(w) * 0.1
+    c = stats.xtx
+    d64, w64 = delta.double(), w.double()
+    want_rel = float(torch.sqrt(torch.sum((d64 @ c) * d64) / torch.sum((w64 @ c) * w64)))
+    want_err = float(torch.linalg.matrix_norm(low.mT @ delta.mT.double()))
+    want_m = (low.mT @ w.mT.double()).float()
+    monkeypatch.setattr(wh, "SLAB", 3 * N_IN)  # 3 columns / rows per slab
+    assert relative_output_error(delta, w, c) == pytest.approx(want_rel, rel=1e-10)
+    assert wh.output_error(delta.mT, low) == pytest.approx(want_err, rel=1e-10)
+    torch.testing.assert_close(wh.whiten_weight(low, w.mT), want_m)

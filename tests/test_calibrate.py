@@ -92,3 +92,32 @@ def test_whitening_factor_retries_with_more_damping_from_a_fresh_moment():
     ridge = 0.01 * float(xtx.diagonal().mean()) * 10
     torch.testing.assert_close(low @ low.T, xtx + ridge * torch.eye(3, dtype=torch.float64))
     assert torch.equal(stats.xtx, xtx)
+
+
+def test_damped_factor_is_the_cholesky_of_the_damped_moment_in_its_storage():
+    """The in-place factor equals an out-of-place Cholesky bit for bit, and the ridge it reports is the one used."""
+    from saten_core.calibrate import damped_factor
+
+    x = torch.randn(300, 40, dtype=torch.float64)
+    s = InputStats(x.T @ x, 300)
+    low, ridge = damped_factor(s)
+    c = s.second_moment()
+    assert ridge == pytest.approx(1e-2 * float(c.diagonal().mean()), rel=1e-12)
+    want = torch.linalg.cholesky(c + ridge * torch.eye(40, dtype=torch.float64))
+    assert torch.equal(low, want)
+    assert torch.equal(s.xtx, x.T @ x)  # the statistics themselves are untouched
+
+
+def test_gram_slabs_sum_to_the_whole_product(monkeypatch):
+    """accumulate_gram in slabs of a few rows equals one x^T x (what the hook accumulated before the slabs)."""
+    import saten_core.calibrate as cal
+
+    x = torch.randn(50, 37)
+    whole = torch.zeros(37, 37, dtype=torch.float64)
+    whole.add_(x.T @ x)
+    monkeypatch.setattr(cal, "GRAM_CHUNK", 37 * 5)  # 5 rows per slab, the last one short
+    slabs = torch.zeros(37, 37, dtype=torch.float64)
+    cal.accumulate_gram(slabs, x)
+    torch.testing.assert_close(slabs, whole, rtol=1e-6, atol=1e-6)
+    cal.accumulate_gram(slabs, x)  # accumulates, never overwrites
+    torch.testing.assert_close(slabs, 2 * whole, rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saten_core.lazy.pages import byte_ranges, release_mapped
+from saten_core.lazy.pages import byte_ranges, release_mapped, trim_heap
 
 Progress = Callable[[str, float, str], None]
 
@@ -176,6 +176,7 @@ def walk(model: nn.Module, windows: list[torch.Tensor], decoder: bool,
         release_mapped(r for r in originals if r not in live)  # replaced or cast: their pages need not stay
         del originals
         recorded[i] = []  # this block's masks / embeddings are not needed again
+        trim_heap()  # the block's statistics and fp32 copy were freed: give their heap pages back
         if progress is not None:
             progress("calibrate", (i + 1) / len(blocks), f"block {i + 1}/{len(blocks)} calibrated and compressed")
 
@@ -205,6 +206,7 @@ def compress_blockwise(model: nn.Module, plan: Any, windows: list[torch.Tensor],
             linear = model.get_submodule(name)
             reports.append(compress_layer(model, name, linear, specs[name], stats.pop(name, None), dtype))
             del linear  # freed after
+            trim_heap()  # the layer's fit temporaries and (unless shared) statistics were just freed
         if progress is not None and own:
             progress("compress", len(reports) / len(specs), f"block {i + 1}/{len(blocks)}: {len(own)} layers")
 

@@ -55,3 +55,17 @@ def release_mapped(ranges: Iterable[tuple[int, int]]) -> int:
             if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
                 released += end - start
     return released
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free memory to the system (glibc malloc_trim); False where there is no glibc.
+
+    Why: CPU tensors below glibc's mmap threshold (which grows up to 32 MB as large blocks are freed) live on the
+    heap, and the walk frees hundreds of MB of statistics and fit temporaries per block; measured on the 1B-shaped
+    folder, 250-330 MB of freed heap stayed resident after every block, climbing with the block count.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.malloc_trim(0))
