@@ -231,3 +231,18 @@ def grid_note(ref: str, rows: list[dict]) -> str | None:
     if spec is None:
         return None
     return grid_artefact(gguf_source(ref), spec["bits"], spec["qgroup"], spec["symmetric"])
+
+
+def number_list(text: str, kind: type) -> list:
+    """A comma-separated list typed in a text box ("0.5, 0.8") as numbers; ValueError naming the bad entry."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a{'n integer' if kind is int else ' number'} (in {text!r})") from None
+    if not out:
+        raise ValueError(f"no values in {text!r}: type a comma-separated list")
+    return out

@@ -21,7 +21,11 @@ if runs.empty:
 
 models = sorted(runs["model"].unique())
 model = st.selectbox("Model", models, index=models.index(charts.newest_model(runs)), key="results_model")
-mine, size_column, size_title = charts.with_size_mib(runs[runs["model"] == model])
+sweeps = charts.sweeps_of(finished, model)
+sweep = st.selectbox("Sweep", ["all runs", *sweeps], key="results_sweep", disabled=not sweeps,
+                     help="Runs queued together by one sweep (Run page or `jobs sweep`); the original stays drawn.")
+chosen = charts.in_sweep(runs[runs["model"] == model], finished, None if sweep == "all runs" else sweep)
+mine, size_column, size_title = charts.with_size_mib(chosen)
 st.dataframe(charts.results_table(mine), hide_index=True, key="results_table")
 if len(texts := charts.eval_texts(mine)) > 1:
     st.warning(f"These runs were evaluated on {len(texts)} different texts (column eval_text): compare perplexities "

@@ -6,7 +6,17 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from studio_ui import PLAN_KEY, deploy_dtype, library, loaded_model, method_label, model_caption, model_ref, show_error
+from studio_ui import (
+    PLAN_KEY,
+    deploy_dtype,
+    library,
+    loaded_model,
+    method_label,
+    model_caption,
+    model_ref,
+    number_list,
+    show_error,
+)
 
 st.title("Run")
 model_caption()
@@ -108,6 +118,25 @@ if st.button("Submit job", type="primary", icon=":material/send:", key="run_subm
             st.warning(f"{method_label(method)} not queued: {reason}")
     except (ValueError, OSError) as exc:
         show_error(exc)
+
+
+with st.expander("Sweep: one job per method × byte ratio × healing length", icon=":material/grid_view:"):
+    s1, s2, s3 = st.columns(3)
+    sweep_methods = s1.multiselect("Methods", METHODS, default=[plan.method], key="sweep_methods",
+                                   format_func=method_label)
+    sweep_ratios = s2.text_input("Byte ratios (comma-separated)", "0.5, 0.8", key="sweep_ratios")
+    sweep_heal = s3.text_input("Heal steps (comma-separated)", "0", key="sweep_heal")
+    if st.button("Queue sweep", icon=":material/playlist_add:", key="sweep_submit"):
+        try:
+            config = jobs.SweepConfig(model=model_ref(), methods=sweep_methods, ratios=number_list(sweep_ratios, float),
+                                      heal_steps=number_list(sweep_heal, int), evaluate=evaluate, device=device,
+                                      dtype=plan.dtype, time_budget_s=budget * 60 if budget else None)
+            sweep_id, sweep_ids = jobs.submit_sweep(config)
+            jobs.ensure_worker()
+            st.success(f"Sweep {sweep_id} queued: jobs {', '.join(map(str, sweep_ids))}. Results can show this "
+                       "sweep alone.")
+        except (ValueError, OSError) as exc:
+            show_error(exc)
 
 
 def queue_frame(rows: list) -> pd.DataFrame:

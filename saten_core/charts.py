@@ -444,3 +444,16 @@ def sized(point: dict | None, column: str) -> dict | None:
     if point is None or is_missing(point.get(column)):
         return None
     return {**point, "size (MiB)": float(point[column]) / 2**20}
+
+
+def sweeps_of(jobs: list[dict], model: str) -> list[str]:
+    """Sweep ids among the finished job rows of `model`, newest first (ids sort by creation time)."""
+    return sorted({j["sweep"] for j in jobs if j.get("sweep") and j["model_ref"] == model}, reverse=True)
+
+
+def in_sweep(runs: pd.DataFrame, jobs: list[dict], sweep: str | None) -> pd.DataFrame:
+    """The runs of one sweep (None: all of them); baseline rows (the original, reference jobs) always stay."""
+    if sweep is None:
+        return runs
+    ids = {j["id"] for j in jobs if j.get("sweep") == sweep}
+    return runs[runs["id"].isin(ids) | runs["baseline"]]

@@ -562,3 +562,25 @@ def test_a_model_over_the_page_limit_is_planned_without_loading_its_weights(tiny
     no_exception(at)
     assert len(at.session_state["plan_overrides"]) == 14
     assert float(metric(at, "Kept").rstrip("%")) / 100 <= 0.6
+
+
+def test_run_page_sweep_form_queues_one_tagged_job_per_combination(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    at = page("app_pages/run.py", model=str(tiny_llama_dir))
+    at.multiselect(key="sweep_methods").set_value(["saten", "prune"])
+    at.text_input(key="sweep_ratios").set_value("0.5, 0.7")
+    at.button(key="sweep_submit").click().run()
+    no_exception(at)
+    assert at.success and "Sweep sweep-" in at.success[0].value, [e.value for e in at.error]
+    new = jobs.list_jobs()[:4]
+    assert len({j.sweep for j in new}) == 1 and new[0].sweep is not None
+    assert {(Plan.from_json(j.plan_json).method, Plan.from_json(j.plan_json).target_ratio) for j in new} == {
+        ("saten", 0.5), ("saten", 0.7), ("prune", 0.5), ("prune", 0.7)}
+    count = len(jobs.list_jobs())
+    at.text_input(key="sweep_ratios").set_value("0.5, lots")
+    at.button(key="sweep_submit").click().run()
+    assert at.error and "'lots' is not a number" in at.error[0].value and len(jobs.list_jobs()) == count
+    for job in new:
+        jobs.request_cancel(job.id)

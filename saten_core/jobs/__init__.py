@@ -20,8 +20,9 @@ from saten_core.jobs.store import (
     submit_reference,
     submit_spectrum,
 )
+from saten_core.jobs.sweep import SweepConfig, submit_sweep
 from saten_core.jobs.worker import ensure_worker, job_dir, read_log, run_worker
 
-__all__ = ["FINAL_STATUSES", "STATUSES", "Job", "ensure_worker", "get_job", "job_dir", "list_jobs",
-           "read_log", "recover_stale", "request_cancel", "run_worker", "submit",
-           "submit_baselines", "submit_reference", "submit_spectrum"]
+__all__ = ["FINAL_STATUSES", "STATUSES", "Job", "SweepConfig", "ensure_worker", "get_job", "job_dir", "list_jobs",
+           "read_log", "recover_stale", "request_cancel", "run_worker", "submit", "submit_baselines",
+           "submit_reference", "submit_spectrum", "submit_sweep"]

@@ -12,7 +12,8 @@ from pathlib import Path
 from saten_core.deploy.flags import add_deploy_args
 from saten_core.jobs import store, worker
 
-SUMMARY_COLUMNS = ("id", "status", "model_ref", "stage", "fraction", "device_used", "ppl", "bytes_after", "error")
+SUMMARY_COLUMNS = ("id", "status", "model_ref", "stage", "fraction", "device_used", "executor", "sweep", "ppl",
+                   "bytes_after", "error")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="jobs, newest first")
     p.add_argument("--status", choices=store.STATUSES, default=None)
+    p.add_argument("--sweep", default=None, metavar="ID", help="only the jobs of this sweep")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--full", action="store_true", help="with --json: include each job's result_json report")
@@ -47,10 +49,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cancel", help="cancel a queued job, or stop a running one at the next layer")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("worker", help="run queued jobs one at a time (foreground)")
+    p = sub.add_parser("worker", help="run queued jobs: one at a time here, or as Ray tasks (foreground)")
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
     p.add_argument("--idle-exit", type=float, default=None, metavar="S", help="exit after S seconds with no jobs")
+    p.add_argument("--drain", action="store_true", help="exit once the queue is empty and nothing runs")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default: this process runs each job; never imports Ray) or ray (a dispatcher "
+                   "runs each job as a Ray task)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --executor ray: the cluster to join "
+                   "(default: start a local Ray instance)")
+    p.add_argument("--gpus-per-job", type=float, default=1.0, metavar="F", help="with --executor ray: GPUs per "
+                   "job, fractional allowed (ignored on a cluster without GPUs: one CPU slot per job)")
     p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("sweep", help="queue one job per method x ratio x heal-steps combination, tagged as a sweep")
+    p.add_argument("--model", required=True, help="registry name, local HF folder or hub id")
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD")
+    p.add_argument("--ratios", nargs="+", type=float, required=True, metavar="R", help="byte ratios in (0, 1]")
+    p.add_argument("--heal-steps", nargs="+", type=int, default=[0], metavar="N")
+    p.add_argument("--eval", action="store_true", help="evaluate each compressed model")
+    p.add_argument("--tokens", type=int, default=None, metavar="N", help="evaluation tokens (default: pipeline's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="deploy dtype of every plan (default: the plan default)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="fail each job after S seconds")
+    p.add_argument("--json", action="store_true", help='print {"sweep": ID, "ids": [...]}')
+    p.set_defaults(func=cmd_sweep)
 
 
 def read_plan_file(path: str) -> str:
@@ -98,7 +120,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     store.recover_stale()
-    jobs = store.list_jobs(status=args.status, limit=args.limit)
+    jobs = store.list_jobs(status=args.status, limit=args.limit, sweep=args.sweep)
     if args.json:
         rows = [j.to_dict() for j in jobs]
         if not args.full:  # reports hold every layer: keep the listing small, `show` has the full row
@@ -131,8 +153,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Foreground worker; SIGTERM ends it like Ctrl-C, so the running job is recorded instead of going stale."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    ran = worker.run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    if args.executor == "ray":
+        from saten_core.jobs.executors.ray_dispatch import run_ray_worker
+
+        ran = run_ray_worker(address=args.ray_address, gpus_per_job=args.gpus_per_job, drain=args.drain,
+                             idle_exit_s=args.idle_exit, once=args.once)
+    else:
+        if args.ray_address is not None:
+            raise ValueError("--ray-address needs --executor ray")
+        ran = worker.run_worker(once=args.once, idle_exit_s=args.idle_exit, drain=args.drain)
     print(f"worker ran {ran} job(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from saten_core.jobs.sweep import SweepConfig, submit_sweep
+
+    config = SweepConfig(model=args.model, methods=args.methods, ratios=args.ratios, heal_steps=args.heal_steps,
+                         evaluate=args.eval, tokens=args.tokens, device=args.device, dtype=args.dtype,
+                         time_budget_s=args.time_budget)
+    sweep_id, ids = submit_sweep(config)
+    print(json.dumps({"sweep": sweep_id, "ids": ids}) if args.json else f"queued sweep {sweep_id}: jobs {ids}")
     return 0
 
 

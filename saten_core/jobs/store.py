@@ -57,6 +57,8 @@ class Job:
     seconds: float | None = None
     result_json: str | None = None  # the pipeline's report dict
     artifact_dir: str | None = None
+    sweep: str | None = None  # the sweep id of a job queued by `jobs sweep` (jobs/sweep.py)
+    executor: str | None = None  # "local" (jobs worker) or "ray" (its Ray dispatcher), set when claimed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,8 +160,17 @@ def _open(path: Path) -> sqlite3.Connection:
     with _transaction(conn):
         conn.execute(_schema())
         conn.execute(_WORKERS_SCHEMA)
+        _add_new_columns(conn)
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id)")
     return conn
+
+
+def _add_new_columns(conn: sqlite3.Connection) -> None:
+    """ALTER TABLE for Job fields a store made by an older version lacks (nullable, so old rows stay valid)."""
+    have = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)").fetchall()}
+    for f in fields(Job):
+        if f.name not in have:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {f.name} {_COLUMN_TYPES.get(f.name, _guess_type(f.type))}")
 
 
 @contextlib.contextmanager
@@ -179,15 +190,28 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 def insert_job(model_ref: str, plan_json: str, *, eval_settings: dict | None = None, device: str = "auto",
-               time_budget_s: float | None = None) -> int:
+               time_budget_s: float | None = None, sweep: str | None = None) -> int:
     """Queue an already validated job and return its id (use jobs.submit for validation)."""
     with _transaction(connect()) as conn:
-        cur = conn.execute(
-            "INSERT INTO jobs (created_at, model_ref, plan_json, eval_json, device_requested, time_budget_s, status)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'queued')",
-            (time.time(), model_ref, plan_json, json.dumps(eval_settings or {}, sort_keys=True), device,
-             time_budget_s))
-        return int(cur.lastrowid)
+        return _insert(conn, model_ref, plan_json, eval_settings, device, time_budget_s, sweep)
+
+
+def _insert(conn: sqlite3.Connection, model_ref: str, plan_json: str, eval_settings: dict | None, device: str,
+            time_budget_s: float | None, sweep: str | None) -> int:
+    cur = conn.execute(
+        "INSERT INTO jobs (created_at, model_ref, plan_json, eval_json, device_requested, time_budget_s, status, "
+        "sweep) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+        (time.time(), model_ref, plan_json, json.dumps(eval_settings or {}, sort_keys=True), device,
+         time_budget_s, sweep))
+    return int(cur.lastrowid)
+
+
+def insert_jobs(rows: list[dict[str, Any]]) -> list[int]:
+    """Queue several validated jobs in one transaction: all of them or (on any error) none. Each row holds
+    insert_job's arguments by name (model_ref, plan_json, eval_settings, device, time_budget_s, sweep)."""
+    with _transaction(connect()) as conn:
+        return [_insert(conn, r["model_ref"], r["plan_json"], r.get("eval_settings"), r.get("device", "auto"),
+                        r.get("time_budget_s"), r.get("sweep")) for r in rows]
 
 
 def get_job(job_id: int) -> Job:
@@ -198,13 +222,14 @@ def get_job(job_id: int) -> Job:
     return _job(row)
 
 
-def list_jobs(*, status: str | None = None, limit: int | None = None) -> list[Job]:
-    """Newest first; optionally only one status."""
+def list_jobs(*, status: str | None = None, limit: int | None = None, sweep: str | None = None) -> list[Job]:
+    """Newest first; optionally only one status, only one sweep's jobs."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown job status {status!r}; expected one of {', '.join(STATUSES)}")
-    sql, args = "SELECT * FROM jobs", []
-    if status is not None:
-        sql, args = sql + " WHERE status = ?", [status]
+    where = [(c, v) for c, v in (("status", status), ("sweep", sweep)) if v is not None]
+    sql, args = "SELECT * FROM jobs", [v for _, v in where]
+    if where:
+        sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
     sql += " ORDER BY id DESC" + (" LIMIT ?" if limit is not None else "")
     args += [int(limit)] if limit is not None else []
     return [_job(r) for r in connect().execute(sql, args).fetchall()]
@@ -229,17 +254,20 @@ def cancel_requested(job_id: int) -> bool:
     return bool(row and row[0])
 
 
-def claim_next(pid: int) -> Job | None:
+def claim_next(pid: int, executor: str = "local") -> Job | None:
     """Atomically move the oldest queued job to running for worker `pid`; None when the queue is empty.
 
     One UPDATE ... WHERE status='queued' RETURNING inside BEGIN IMMEDIATE, so two workers never get the same job.
+    executor: who runs it, "local" (the worker process itself) or "ray" (a Ray task of dispatcher `pid`).
     """
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {executor!r}; expected 'local' or 'ray'")
     now = time.time()
     with _transaction(connect()) as conn:
         row = conn.execute(
             "UPDATE jobs SET status='running', started_at=?, heartbeat_at=?, worker_pid=?, stage='starting', "
-            "fraction=0, message=NULL WHERE id = (SELECT id FROM jobs WHERE status='queued' ORDER BY id LIMIT 1) "
-            "AND status='queued' RETURNING *", (now, now, pid)).fetchone()
+            "fraction=0, message=NULL, executor=? WHERE id = (SELECT id FROM jobs WHERE status='queued' ORDER BY id "
+            "LIMIT 1) AND status='queued' RETURNING *", (now, now, pid, executor)).fetchone()
     return _job(row) if row is not None else None
 
 
@@ -344,6 +372,13 @@ def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: in
         job_id = submit("smollm2-135m", Plan(method="saten", target_ratio=0.8).to_json(), evaluate=True)
         get_job(job_id).status == "queued"
     """
+    return insert_job(**checked_job(model_ref, plan_json, evaluate=evaluate, tokens=tokens, device=device,
+                                    time_budget_s=time_budget_s))
+
+
+def checked_job(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: int | None = None,
+                device: str = "auto", time_budget_s: float | None = None, sweep: str | None = None) -> dict:
+    """submit's validation without the insert: insert_job's arguments, or ValueError naming the bad value."""
     from saten_core.plan import Plan
 
     try:
@@ -357,9 +392,9 @@ def submit(model_ref: str, plan_json: str, *, evaluate: bool = False, tokens: in
         raise ValueError(f"time budget must be a positive number of seconds, got {time_budget_s!r}")
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 2):
         raise ValueError(f"evaluation tokens must be an integer >= 2, got {tokens!r}")
-    settings = {"evaluate": bool(evaluate), "tokens": tokens}
-    return insert_job(model_ref, plan.to_json(), eval_settings=settings, device=device,
-                      time_budget_s=None if time_budget_s is None else float(time_budget_s))
+    return {"model_ref": model_ref, "plan_json": plan.to_json(), "device": device, "sweep": sweep,
+            "eval_settings": {"evaluate": bool(evaluate), "tokens": tokens},
+            "time_budget_s": None if time_budget_s is None else float(time_budget_s)}
 
 
 def submit_reference(model_ref: str, *, tokens: int | None = None, device: str = "auto",

@@ -65,9 +65,17 @@ class JobRun:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def write(self, **values: Any) -> bool:
+        """Record columns of the running job (the local worker writes the store itself)."""
+        return store.update_running(self.job.id, self.pid, **values)
+
+    def cancel_flag(self) -> bool:
+        """Whether a cancel was requested (the local worker reads the store itself)."""
+        return store.cancel_requested(self.job.id)
+
     def should_stop(self) -> bool:
         """Checked by the pipeline between layers: a cancel request or an exhausted time budget."""
-        if self.stop_reason is None and store.cancel_requested(self.job.id):
+        if self.stop_reason is None and self.cancel_flag():
             self.stop_reason = "cancelled"
         budget = self.job.time_budget_s
         if self.stop_reason is None and budget is not None and self.elapsed() > budget:
@@ -93,8 +101,7 @@ class JobRun:
         self.last_write, self.last_stage = now, stage
         done = fraction - self.stage_f0
         eta = (now - self.stage_t0) * (1.0 - fraction) / done if done > 0 else None
-        store.update_running(self.job.id, self.pid, stage=stage, fraction=fraction, eta_seconds=eta,
-                             message=message or None)
+        self.write(stage=stage, fraction=fraction, eta_seconds=eta, message=message or None)
 
 
 @contextlib.contextmanager
@@ -158,22 +165,43 @@ def free_device_memory() -> None:
 
 def execute(job: store.Job, pid: int) -> str:
     """Run one claimed job to its final status and return it; never raises for errors of the job itself."""
-    log = JobLog(job_dir(job.id) / "job.log")
-    run = JobRun(job=job, pid=pid, log=log)
-    log.write(f"job {job.id}: model {job.model_ref}, device {job.device_requested}, worker pid {pid}")
+    run = JobRun(job=job, pid=pid, log=JobLog(job_dir(job.id) / "job.log"))
     with heartbeat_thread(pid, job.id):
         try:
-            status, values = "succeeded", _run_pipeline(run)
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes a row, KeyboardInterrupt included
-            status, values = _classify(run, exc)
-            log.write(traceback.format_exc() if status == "failed" else f"stopped: {values.get('message')}")
-            if not isinstance(exc, Exception):  # Ctrl-C / SIGTERM / exit: record the job, then let the worker end
-                _finish(run, status, values)
-                raise
-        finally:
-            free_device_memory()
+            status, values = run_job(run, reraise=True)
+        except _Stopped as stop:  # Ctrl-C / SIGTERM / exit: record the job, then let the worker end
+            _finish(run, *stop.outcome)
+            raise stop.__cause__ from None
     _finish(run, status, values)
     return status
+
+
+class _Stopped(Exception):
+    """A BaseException (Ctrl-C, SIGTERM, exit) ended the job; `outcome` is its recorded (status, values)."""
+
+    def __init__(self, outcome: tuple[str, dict[str, Any]]):
+        super().__init__(outcome[0])
+        self.outcome = outcome
+
+
+def run_job(run: JobRun, *, reraise: bool = False) -> tuple[str, dict[str, Any]]:
+    """(final status, column values) of one job run by `run`; shared by the local worker and Ray tasks.
+
+    Never raises for errors of the job itself. reraise: a BaseException that is not an Exception (Ctrl-C,
+    SIGTERM) is raised again as _Stopped carrying the outcome, so the worker records the job and then ends.
+    """
+    job = run.job
+    run.log.write(f"job {job.id}: model {job.model_ref}, device {job.device_requested}, worker pid {run.pid}")
+    try:
+        return "succeeded", _run_pipeline(run)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a row, KeyboardInterrupt included
+        status, values = _classify(run, exc)
+        run.log.write(traceback.format_exc() if status == "failed" else f"stopped: {values.get('message')}")
+        if reraise and not isinstance(exc, Exception):
+            raise _Stopped((status, values)) from exc
+        return status, values
+    finally:
+        free_device_memory()
 
 
 def _run_spectrum(run: JobRun) -> dict[str, Any]:
@@ -182,7 +210,7 @@ def _run_spectrum(run: JobRun) -> dict[str, Any]:
     from saten_core.spectrum import stored_spectra
 
     device = resolve_device(run.job.device_requested)
-    store.update_running(run.job.id, run.pid, device_used=device)
+    run.write(device_used=device)
     run.progress("load", 0.0, f"loading {run.job.model_ref}")
     from saten_core.plan import Plan
 
@@ -204,7 +232,7 @@ def _run_pipeline(run: JobRun) -> dict[str, Any]:
     from saten_core.plan import Plan
 
     device = resolve_device(run.job.device_requested)
-    store.update_running(run.job.id, run.pid, device_used=device)
+    run.write(device_used=device)
     out = job_dir(run.job.id) / "model"
     tokens = {} if run.job.eval_tokens is None else {"tokens": run.job.eval_tokens}
     with atomic_dir(out, overwrite=True) as tmp:
@@ -219,7 +247,7 @@ def _run_pipeline(run: JobRun) -> dict[str, Any]:
 
 def _classify(run: JobRun, exc: BaseException) -> tuple[str, dict[str, Any]]:
     """Cancel -> cancelled; time budget -> failed with that reason; anything else -> failed with a short reason."""
-    if run.stop_reason == "cancelled" or (run.stop_reason is None and store.cancel_requested(run.job.id)):
+    if run.stop_reason == "cancelled" or (run.stop_reason is None and run.cancel_flag()):
         return "cancelled", {"message": f"cancelled during {run.last_stage or 'start-up'}", "eta_seconds": None}
     if run.stop_reason is not None:
         return "failed", {"error": run.stop_reason, "eta_seconds": None}
@@ -236,10 +264,12 @@ def _finish(run: JobRun, status: str, values: dict[str, Any]) -> None:
     run.log.write(f"job {run.job.id} {status}" + (f": {values['error']}" if values.get("error") else ""))
 
 
-def run_worker(*, once: bool = False, idle_exit_s: float | None = None, pid: int | None = None) -> int:
+def run_worker(*, once: bool = False, idle_exit_s: float | None = None, pid: int | None = None,
+               drain: bool = False) -> int:
     """Recover stale jobs, then run queued jobs one at a time. Returns how many jobs ran.
 
     once: run at most one job and return. idle_exit_s: return after this long with an empty queue.
+    drain: return as soon as the queue is empty (this worker runs one job at a time, so nothing else runs).
     Another worker holding saten_home()/worker.lock means this one returns 0 at once (one worker per home).
     """
     pid = os.getpid() if pid is None else pid
@@ -249,7 +279,7 @@ def run_worker(*, once: bool = False, idle_exit_s: float | None = None, pid: int
             return 0
         store.recover_stale()
         try:
-            return _loop(pid, once, idle_exit_s)
+            return _loop(pid, once, 0.0 if drain else idle_exit_s)
         finally:
             store.remove_worker(pid)
 
@@ -261,7 +291,7 @@ def _loop(pid: int, once: bool, idle_exit_s: float | None) -> int:
         if job is not None:
             execute(job, pid)
             ran, idle_since = ran + 1, time.monotonic()
-        if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
+        if once or (idle_exit_s is not None and job is None and time.monotonic() - idle_since >= idle_exit_s):
             return ran
         if job is None:
             store.heartbeat(pid)
