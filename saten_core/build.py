@@ -24,9 +24,11 @@ def calibration_text(plan: Plan) -> str:
     The bundled split never overlaps the held-out half that evaluation uses.
     """
     from saten_core.corpus import default_text, read_text_file, split_text
+    from saten_core.files import check_text_path
 
     if plan.calib in (None, "default"):
         return split_text(default_text())[0]
+    check_text_path(plan.calib)  # a shared studio reads only allowed folders (also for jobs queued earlier)
     return read_text_file(plan.calib)
 
 

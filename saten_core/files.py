@@ -17,6 +17,30 @@ def saten_home() -> Path:
     return home
 
 
+def shared_studio() -> bool:
+    """True when this studio serves several people (SATEN_SHARED=1): jobs may then read texts only from
+    allowed_text_dirs(), never any path a plan names (a plan is user input, the worker reads with our rights)."""
+    return os.environ.get("SATEN_SHARED", "").strip().lower() in ("1", "true", "yes")
+
+
+def allowed_text_dirs() -> list[Path]:
+    """Folders a shared studio's jobs may read calibration texts from: the uploads (SATEN_HOME/texts) and any
+    folders listed in SATEN_TEXT_DIRS (os.pathsep-separated)."""
+    extra = [Path(p).expanduser().resolve() for p in os.environ.get("SATEN_TEXT_DIRS", "").split(os.pathsep) if p]
+    return [(saten_home() / "texts").resolve(), *extra]
+
+
+def check_text_path(path: str) -> None:
+    """ValueError naming the path when a shared studio may not read it (see shared_studio); else nothing."""
+    if not shared_studio():
+        return
+    resolved = Path(path).expanduser().resolve()  # symlinks and .. resolved before the check
+    allowed = allowed_text_dirs()
+    if not any(resolved.is_relative_to(d) for d in allowed):
+        raise ValueError(f"calibration text {path} is outside the folders this shared studio reads texts from "
+                         f"({', '.join(map(str, allowed))}): upload it instead")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temp file in the same folder + rename, so readers never see half a file."""
     path = Path(path)

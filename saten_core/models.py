@@ -275,8 +275,13 @@ def resolve_ref(ref: str, dtype: str = "float32") -> tuple[str, Path]:
 
 
 def check_weights(folder: Path) -> None:
-    """Only safetensors are loaded: pickle checkpoints can run arbitrary code on load."""
-    if any(folder.glob("*.safetensors")):
+    """Only safetensors are loaded (pickle checkpoints can run arbitrary code on load), and only whole ones."""
+    from saten_core.lazy.weights import check_safetensors
+
+    files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        check_safetensors(path)
+    if files:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:

@@ -91,3 +91,20 @@ def assert_walk_sees_all_at_once_stats(loaded) -> None:
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name].xtx, want[name].xtx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def slow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-layer Llama (hidden 128, MLP 512): 168 linears, so a job runs long enough to cancel or kill mid-way."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=24,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("slow_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path

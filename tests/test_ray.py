@@ -42,25 +42,6 @@ def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture(scope="module")
-def slow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 24-layer Llama (hidden 128): a job long enough to cancel or kill mid-way."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import minilm_tokenizer_dir
-
-    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=24,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("slow_llama_ray")
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def wait_for(predicate, timeout: float = 180.0, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

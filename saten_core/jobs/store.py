@@ -386,6 +386,10 @@ def checked_job(model_ref: str, plan_json: str, *, evaluate: bool = False, token
     except json.JSONDecodeError as exc:
         raise ValueError(f"plan is not valid JSON: {exc}") from None
     plan.validate()
+    if plan.calib not in (None, "default"):
+        from saten_core.files import check_text_path
+
+        check_text_path(plan.calib)
     model_ref = check_model_ref(model_ref)
     device = check_device(device)
     if time_budget_s is not None and not float(time_budget_s) > 0:

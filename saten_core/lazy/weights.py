@@ -92,3 +92,31 @@ def folder_key(folder: str | Path, dtype: torch.dtype) -> str:
             st = path.stat()
             h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+def check_safetensors(path: str | Path) -> None:
+    """ValueError naming the file when it is not a whole safetensors file: a bad header, or cut short.
+
+    Why here: transformers' loader fails on such a file with a Rust-side error type deep in a traceback; reading
+    the 8-byte length and the JSON header is cheap and names the file, so the CLI and the pages say one line.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path} is not a safetensors file (header length {n} in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise ValueError(f"{path} is truncated: its tensors need {need} bytes, the file has {size}")
