@@ -108,3 +108,37 @@ def slow_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder (and jobs.db) of the test's own inside the session's SATEN_HOME, so queues never mix.
+    Job modules use it for every test: pytestmark = pytest.mark.usefixtures("job_home")."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="jobs-", dir=isolated_home))
+    monkeypatch.setenv("SATEN_HOME", str(home))
+    return home
+
+
+def saten_cli(*args: object, home: Path, timeout: int = 300):
+    """`python -m saten_core ARGS` from the repo root with SATEN_HOME=home: a CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SATEN_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "saten_core", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.02):
+    """Poll until predicate() is truthy (returned) or fail the test after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"condition not reached within {timeout} s")

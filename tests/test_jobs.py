@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,34 +19,12 @@ import pytest
 
 from saten_core.jobs import store, worker
 from saten_core.plan import Override, Plan
+from tests.conftest import saten_cli as cli
+from tests.conftest import wait_for
 
+pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
 PLAN = Plan(method="saten", rank=4, density=0.05).to_json()
-
-
-@pytest.fixture(autouse=True)
-def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own folder (and jobs.db) inside the session's SATEN_HOME, so queues never mix."""
-    home = Path(tempfile.mkdtemp(prefix="jobs-", dir=isolated_home))
-    monkeypatch.setenv("SATEN_HOME", str(home))
-    return home
-
-
-def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SATEN_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "saten_core", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
-
-
-def wait_for(predicate, timeout: float = 120.0, every: float = 0.02):
-    """Poll until predicate() is truthy (returned) or fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"condition not reached within {timeout} s")
 
 
 def leftovers(job_id: int) -> list[str]:

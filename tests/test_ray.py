@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,9 @@ from saten_core.jobs import store
 from saten_core.jobs.executors import ray_dispatch
 from saten_core.jobs.sweep import SweepConfig, submit_sweep
 from saten_core.plan import Plan
+from tests.conftest import wait_for
 
+pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,23 +33,6 @@ def local_ray():
              logging_level="WARNING", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="ray-", dir=isolated_home))
-    monkeypatch.setenv("SATEN_HOME", str(home))
-    return home
-
-
-def wait_for(predicate, timeout: float = 180.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"condition not reached within {timeout} s")
 
 
 def dispatcher_thread(**kw) -> threading.Thread:

@@ -12,8 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,22 +19,12 @@ import tomllib
 
 from saten_core.jobs import store, worker
 from saten_core.plan import Plan
+from tests.conftest import saten_cli as cli
+from tests.conftest import wait_for
 
+pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
 PLAN = Plan(method="saten", rank=4, density=0.05).to_json()
-
-
-@pytest.fixture(autouse=True)
-def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="rel-", dir=isolated_home))
-    monkeypatch.setenv("SATEN_HOME", str(home))
-    return home
-
-
-def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SATEN_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "saten_core", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, word: str) -> None:
@@ -45,15 +33,6 @@ def assert_one_line(proc: subprocess.CompletedProcess, word: str) -> None:
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and word in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
-
-
-def wait_for(predicate, timeout: float = 180.0, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    pytest.fail(f"condition not reached within {timeout} s")
 
 
 def damaged(tiny_llama_dir: Path, where: Path, how: str) -> Path:

@@ -6,11 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_sweep.py
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,21 +14,10 @@ import pytest
 from saten_core.jobs import store, worker
 from saten_core.jobs.sweep import SweepConfig, submit_sweep
 from saten_core.plan import Plan
+from tests.conftest import saten_cli as cli
 
+pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def job_home(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="sweep-", dir=isolated_home))
-    monkeypatch.setenv("SATEN_HOME", str(home))
-    return home
-
-
-def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SATEN_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "saten_core", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
 
 
 def test_a_sweep_queues_every_combination_under_one_id(tiny_llama_dir: Path):
