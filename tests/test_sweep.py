@@ -6,7 +6,10 @@ Run: .venv/bin/python -m pytest -q tests/test_sweep.py
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,14 @@ def test_results_keep_one_sweep_and_the_original():
     assert charts.sweeps_of(jobs, "m") == ["sweep-b", "sweep-a"]
     assert list(charts.in_sweep(runs, jobs, "sweep-a")["id"]) == [1, 2]
     assert list(charts.in_sweep(runs, jobs, None)["id"]) == [1, 2, 3]
+
+
+def test_the_default_worker_never_imports_ray(tiny_llama_dir: Path, job_home: Path):
+    """`jobs worker` without --executor runs a job and drains without Ray in the process."""
+    store.submit(str(tiny_llama_dir), Plan(method="saten", rank=4, density=0.05).to_json(), device="cpu")
+    code = ("import sys; from saten_core.__main__ import main; rc = main(['jobs', 'worker', '--drain']); "
+            "print(rc, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "SATEN_HOME": str(job_home)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stderr[-1500:]
+    assert store.list_jobs()[0].status == "succeeded"
