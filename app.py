@@ -2,7 +2,11 @@
 
 import streamlit as st
 
+from studio_ui import signed_in_gate
+
 st.set_page_config(page_title="Saten Studio", page_icon=":material/compress:", layout="wide")
+if not signed_in_gate():  # sign-in configured (.streamlit/secrets.toml [auth]) and this visitor signed out
+    st.stop()
 
 PAGES = {
     "Start": [st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)],

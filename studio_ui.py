@@ -246,3 +246,33 @@ def number_list(text: str, kind: type) -> list:
     if not out:
         raise ValueError(f"no values in {text!r}: type a comma-separated list")
     return out
+
+
+def sign_in_required() -> bool:
+    """Sign-in is on when .streamlit/secrets.toml has an [auth] section (Streamlit's built-in OIDC, st.login).
+
+    Off by default: a studio on 127.0.0.1 serves one person. A shared deployment configures a provider there.
+    """
+    try:
+        return "auth" in st.secrets
+    except (FileNotFoundError, KeyError):
+        return False
+
+
+def signed_in_gate() -> bool:
+    """True when this visitor may use the studio (sign-in off, or signed in); else it shows the sign-in box.
+
+    app.py stops before any page runs when this is False, so a signed-out visitor can neither read results nor
+    submit, cancel or delete anything.
+    """
+    if not sign_in_required():
+        return True
+    if st.user.get("is_logged_in"):  # a mapping: AppTest and signed-out sessions may lack the key
+        who = st.user.get("email") or st.user.get("name") or "signed in"
+        st.sidebar.caption(f"Signed in: {who}")
+        st.sidebar.button("Sign out", on_click=st.logout, key="sign_out")
+        return True
+    st.title("Saten Studio")
+    st.info("This studio is shared: sign in to plan, run and compare compressions.", icon=":material/lock:")
+    st.button("Sign in", on_click=st.login, type="primary", key="sign_in", icon=":material/login:")
+    return False

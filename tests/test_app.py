@@ -584,3 +584,31 @@ def test_run_page_sweep_form_queues_one_tagged_job_per_combination(tiny_llama_di
     assert at.error and "'lots' is not a number" in at.error[0].value and len(jobs.list_jobs()) == count
     for job in new:
         jobs.request_cancel(job.id)
+
+
+AUTH = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "test-only-secret",
+        "client_id": "saten-studio", "client_secret": "test-only", "server_metadata_url":
+        "https://idp.example.invalid/.well-known/openid-configuration"}
+
+
+def test_with_sign_in_configured_a_signed_out_visitor_can_do_nothing(tiny_llama_dir, no_spawn):
+    from saten_core import jobs
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.secrets["auth"] = AUTH
+    at.run()
+    no_exception(at)
+    assert at.button(key="sign_in") and "sign in" in at.info[0].value
+    assert not [b for b in at.button if b.key == "demo_start"]
+    count = len(jobs.list_jobs())
+    at.session_state["model_ref"] = str(tiny_llama_dir)
+    at.switch_page("app_pages/run.py").run()
+    no_exception(at)
+    assert not [b for b in at.button if b.key in ("run_submit", "sweep_submit")]  # the page never ran
+    assert len(jobs.list_jobs()) == count
+
+
+def test_without_sign_in_configured_the_pages_act_as_before(no_spawn):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    no_exception(at)
+    assert not [b for b in at.button if b.key == "sign_in"] and at.button(key="demo_start")

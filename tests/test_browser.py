@@ -246,3 +246,43 @@ def wait_for_jobs(ids: list[int]) -> None:
             return
         time.sleep(5)
     pytest.fail(f"demo jobs {ids} did not finish in {JOB_TIMEOUT_S} s: {[jobs.get_job(i).status for i in ids]}")
+
+
+def test_three_sessions_at_once_while_a_job_runs(server, slow_llama_dir):
+    """Load: three browser sessions walk every page together (a bounded loop) while the worker runs a job.
+
+    Every page renders in every session, none shows an exception, and the worker still runs one job at a time.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from saten_core import jobs
+    from saten_core.plan import Plan
+
+    plan = Plan(method="saten-aw", rank=4, density=0.05, heal_steps=60, heal_eval_every=30).to_json()
+    ids = [jobs.submit(str(slow_llama_dir), plan, device="cpu") for _ in range(2)]
+    jobs.ensure_worker(idle_exit_s=30)
+    deadline = time.time() + 300
+    while jobs.get_job(ids[0]).status == "queued" and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.get_job(ids[0]).status == "running", jobs.get_job(ids[0]).error
+    running_seen: list[int] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
+        pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page() for _ in range(3)]
+        for page in pages:
+            page.goto(f"{server}/run")
+        for title in ["Run", "Home", "Model", "Plan", "Results", "ROI", "Run"]:
+            for page in pages:  # all three ask at once; then each must finish
+                page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+            for page in pages:
+                idle(page)
+                page.get_by_role("heading", name="Saten Studio" if title == "Home" else title).first.wait_for(
+                    timeout=300_000)
+                no_traceback(page)
+            running_seen.append(len(jobs.list_jobs(status="running")))
+        browser.close()
+    assert max(running_seen) <= 1 and len(jobs.list_jobs()) >= 2
+    assert len(jobs.store.live_workers()) <= 1  # one worker: one job per device
+    for job_id in ids:
+        if jobs.get_job(job_id).status in ("queued", "running"):
+            jobs.request_cancel(job_id)
