@@ -83,6 +83,22 @@ def test_bad_model_path_shows_an_error_not_a_traceback(tmp_path):
     assert at.error and "Cannot load model" in at.error[0].value
 
 
+@pytest.mark.parametrize("how, word", [("no-weights", "no safetensors"), ("pickle", "pytorch_model.bin"),
+                                       ("corrupt", "is not a safetensors file"), ("truncated", "is truncated")])
+def test_a_damaged_model_folder_is_one_error_box_on_the_pages(tiny_llama_dir, tmp_path, how, word):
+    """The reliability campaign's bad folders (tests/test_reliability.py) on the Model and Plan pages."""
+    from tests.test_reliability import damaged
+
+    folder = str(damaged(tiny_llama_dir, tmp_path, how))
+    at = page("app_pages/model.py", model_source="Local folder or hub id", model_path=folder)
+    no_exception(at)
+    assert at.error and word in at.error[0].value and len(at.error[0].value.splitlines()) == 1, \
+        [e.value for e in at.error]
+    at = page("app_pages/plan.py", model=folder)
+    no_exception(at)
+    assert at.error and word in at.error[0].value
+
+
 def scan_all_layers(at: AppTest) -> AppTest:
     """Click 'Compute all layers' (it queues a spectrum job), run that job here, and let the page pick it up."""
     from saten_core import jobs

@@ -65,6 +65,17 @@ def test_a_sweep_on_two_gpus_runs_at_most_two_jobs_at_once(local_ray, tiny_llama
     sweep_id, ids = submit_sweep(SweepConfig(str(tiny_llama_dir), methods=["saten", "prune"], ratios=[0.5, 0.8],
                                              device="cpu"))
     assert ray_dispatch.job_slots(ray, 1.0) == 2 and ray_dispatch.job_slots(ray, 0.5) == 4
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Holder:  # another user of the cluster holding one GPU
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    assert ray_dispatch.job_slots(ray, 1.0) == 1 and ray_dispatch.job_slots(ray, 0.5) == 2
+    ray.kill(holder)
+    wait_for(lambda: ray_dispatch.job_slots(ray, 1.0) == 2, timeout=30)
     thread = dispatcher_thread(gpus_per_job=1.0, drain=True)
     thread.join(timeout=600)
     assert not thread.is_alive() and not thread.errors

@@ -94,14 +94,20 @@ class Running:
     forced: bool = False
 
 
-def job_slots(ray: Any, gpus_per_job: float) -> int:
-    """How many jobs may run at once: whole multiples of gpus_per_job in the cluster's GPUs, else its CPUs."""
+def job_slots(ray: Any, gpus_per_job: float, running: int = 0) -> int:
+    """How many of this dispatcher's jobs may run at once: whole multiples of gpus_per_job in the GPUs not held
+    by others (the cluster's total less what is in use beyond our `running` jobs), else the cluster's CPUs.
+
+    At least 1 on a cluster that has GPUs at all: a job then waits in Ray for one to come free.
+    """
     if not gpus_per_job > 0:
         raise ValueError(f"--gpus-per-job must be > 0, got {gpus_per_job!r}")
     total = ray.cluster_resources()
     gpus = float(total.get("GPU", 0.0))
     if gpus > 0:
-        return max(1, int(gpus / gpus_per_job + 1e-9))
+        in_use = gpus - float(ray.available_resources().get("GPU", 0.0))
+        others = max(0.0, in_use - running * gpus_per_job)  # ours may be pending, so never below zero
+        return max(1, int((gpus - others) / gpus_per_job + 1e-9))
     return max(1, int(total.get("CPU", 1)))
 
 
@@ -122,7 +128,6 @@ def dispatch(pid: int, *, gpus_per_job: float = 1.0, drain: bool = False, idle_e
     """Claim, run and record jobs through Ray until drained / idle / once; returns how many jobs finished."""
     import ray
 
-    slots = job_slots(ray, gpus_per_job)
     channel = ray.remote(Channel).options(num_cpus=0).remote()
     gpus = _has_gpus(ray)
     task = ray.remote(max_calls=1, max_retries=0)(run_task).options(num_cpus=0 if gpus else 1,
@@ -131,6 +136,7 @@ def dispatch(pid: int, *, gpus_per_job: float = 1.0, drain: bool = False, idle_e
     finished, idle_since, claimed = 0, time.monotonic(), 0
     try:
         while True:
+            slots = job_slots(ray, gpus_per_job, len(running))  # GPUs other drivers took are not ours to fill
             while len(running) < slots and not (once and claimed):
                 job = store.claim_next(pid, executor="ray")
                 if job is None:
