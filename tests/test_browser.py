@@ -248,13 +248,13 @@ def wait_for_jobs(ids: list[int]) -> None:
     pytest.fail(f"demo jobs {ids} did not finish in {JOB_TIMEOUT_S} s: {[jobs.get_job(i).status for i in ids]}")
 
 
-def test_three_sessions_at_once_while_a_job_runs(server, slow_llama_dir):
+def test_three_sessions_at_once_while_a_job_runs(server, browser_page, slow_llama_dir):
     """Load: three browser sessions walk every page together (a bounded loop) while the worker runs a job.
 
     Every page renders in every session, none shows an exception, and the worker still runs one job at a time.
+    The sessions are new contexts (own cookies, own Streamlit session) of the module's browser: Playwright's sync
+    API runs once per thread.
     """
-    from playwright.sync_api import sync_playwright
-
     from saten_core import jobs
     from saten_core.plan import Plan
 
@@ -266,9 +266,10 @@ def test_three_sessions_at_once_while_a_job_runs(server, slow_llama_dir):
         time.sleep(0.5)
     assert jobs.get_job(ids[0]).status == "running", jobs.get_job(ids[0]).error
     running_seen: list[int] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
-        pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page() for _ in range(3)]
+    contexts = [browser_page.context.browser.new_context(viewport={"width": 1200, "height": 900})
+                for _ in range(3)]
+    try:
+        pages = [c.new_page() for c in contexts]
         for page in pages:
             page.goto(f"{server}/run")
         for title in ["Run", "Home", "Model", "Plan", "Results", "ROI", "Run"]:
@@ -280,7 +281,9 @@ def test_three_sessions_at_once_while_a_job_runs(server, slow_llama_dir):
                     timeout=300_000)
                 no_traceback(page)
             running_seen.append(len(jobs.list_jobs(status="running")))
-        browser.close()
+    finally:
+        for c in contexts:
+            c.close()
     assert max(running_seen) <= 1 and len(jobs.list_jobs()) >= 2
     assert len(jobs.store.live_workers()) <= 1  # one worker: one job per device
     for job_id in ids:
