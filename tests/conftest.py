@@ -142,3 +142,33 @@ def wait_for(predicate, timeout: float = 180.0, every: float = 0.02):
             return value
         time.sleep(every)
     pytest.fail(f"condition not reached within {timeout} s")
+
+
+def kill_worker_at(job_id: int, stage: str, home: Path, before_kill=None) -> int:
+    """Start `jobs worker --once` on `home`, SIGKILL it once job `job_id` reports `stage`; returns its pid.
+
+    before_kill(): checks to run on the live job just before the kill (e.g. that a half-written folder exists).
+
+    Fails the test (with the worker's stderr) when the worker ends before the job got there.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from saten_core.jobs import store
+
+    env = {**os.environ, "SATEN_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker", "--once"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: store.get_job(job_id).stage == stage or proc.poll() is not None, every=0.01)
+        assert store.get_job(job_id).status == "running", proc.stderr.read().decode()
+        if before_kill is not None:
+            before_kill()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.pid

@@ -19,8 +19,8 @@ import pytest
 
 from saten_core.jobs import store, worker
 from saten_core.plan import Override, Plan
+from tests.conftest import kill_worker_at, wait_for
 from tests.conftest import saten_cli as cli
-from tests.conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
@@ -206,21 +206,13 @@ def test_sigkill_worker_mid_run_then_recovery_and_next_job(slow_llama_dir: Path,
                                                            job_home: Path):
     first = store.submit(str(slow_llama_dir), PLAN, device="cpu")
     second = store.submit(str(tiny_llama_dir), PLAN, device="cpu")  # queued before the crash: must survive it
-    env = {**os.environ, "SATEN_HOME": str(job_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker", "--once"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: store.get_job(first).stage == "compress" or proc.poll() is not None, every=0.01)
-        assert store.get_job(first).status == "running", proc.stderr.read().decode()
+    def half_written() -> None:
         assert any(p.name.startswith(".model.") for p in worker.job_dir(first).iterdir())  # half-written dir
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    pid = kill_worker_at(first, "compress", job_home, before_kill=half_written)
     assert store.recover_stale() == [first]
     job = store.get_job(first)
-    assert job.status == "failed" and f"worker process {proc.pid} died" in job.error
+    assert job.status == "failed" and f"worker process {pid} died" in job.error
     assert store.connect().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert leftovers(first) == []  # recovery removed the temp model dir the killed worker was writing
     assert store.get_job(second).status == "queued"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import tomllib
 
 from saten_core.jobs import store, worker
 from saten_core.plan import Plan
+from tests.conftest import kill_worker_at
 from tests.conftest import saten_cli as cli
-from tests.conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("job_home")
 REPO = Path(__file__).resolve().parents[1]
@@ -140,17 +139,7 @@ def test_sigkill_mid_heal_loses_no_job_and_leaves_no_folder(slow_llama_dir: Path
                    heal_tokens=4096, heal_seq_len=64).to_json()
     first = store.submit(str(slow_llama_dir), healing, device="cpu")
     second = store.submit(str(tiny_llama_dir), PLAN, device="cpu")
-    env = {**os.environ, "SATEN_HOME": str(job_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker", "--once"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: store.get_job(first).stage == "heal" or proc.poll() is not None)
-        assert store.get_job(first).status == "running", proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_worker_at(first, "heal", job_home)
     assert store.recover_stale() == [first]
     job = store.get_job(first)
     assert job.status == "failed" and "died" in job.error and "heal" in job.error

@@ -273,13 +273,22 @@ def run_worker(*, once: bool = False, idle_exit_s: float | None = None, pid: int
     Another worker holding saten_home()/worker.lock means this one returns 0 at once (one worker per home).
     """
     pid = os.getpid() if pid is None else pid
+    with serving(pid) as got:
+        return _loop(pid, once, 0.0 if drain else idle_exit_s) if got else 0
+
+
+@contextlib.contextmanager
+def serving(pid: int) -> Iterator[bool]:
+    """The one worker (local or Ray dispatcher) of saten_home(): yields False, after saying so on stderr, when
+    another holds worker.lock; else recovers stale jobs, yields True, and drops the worker row on exit."""
     with _worker_lock() as got:
         if not got:
             print(f"another worker already serves {saten_home()}; this one exits", file=sys.stderr)
-            return 0
+            yield False
+            return
         store.recover_stale()
         try:
-            return _loop(pid, once, 0.0 if drain else idle_exit_s)
+            yield True
         finally:
             store.remove_worker(pid)
 

@@ -11,7 +11,6 @@ Cancel: the task's should_stop sees the flag at the next layer; after CANCEL_GRA
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,19 +224,16 @@ def run_ray_worker(*, address: str | None = None, gpus_per_job: float = 1.0, dra
                    idle_exit_s: float | None = None, once: bool = False, pid: int | None = None,
                    **init: Any) -> int:
     """`jobs worker --executor ray`: one dispatcher per SATEN_HOME (the worker lock), stale jobs recovered first."""
-    from saten_core.jobs.worker import _worker_lock
+    from saten_core.jobs.worker import serving
 
     pid = os.getpid() if pid is None else pid
-    with _worker_lock() as got:
+    with serving(pid) as got:
         if not got:
-            print(f"another worker already serves {store.saten_home()}; this one exits", file=sys.stderr)
             return 0
-        store.recover_stale()
         started = start_ray(address, **init)
         try:
             return dispatch(pid, gpus_per_job=gpus_per_job, drain=drain, idle_exit_s=idle_exit_s, once=once)
         finally:
-            store.remove_worker(pid)
             if started:
                 import ray
 
