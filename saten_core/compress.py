@@ -101,7 +101,8 @@ def relative_output_error(delta: torch.Tensor, w: torch.Tensor, second_moment: t
     """
     from saten_core import whiten
 
-    c = second_moment.to(w.device, torch.float64)
+    delta, w = delta.detach(), w.detach()  # a number, not a graph: callers pass trainable weights after healing
+    c = second_moment.detach().to(w.device, torch.float64)
     rows = max(1, whiten.SLAB // c.shape[0])  # float64 slabs of <= 32 MB: no float64 copy of the whole weight
     num = torch.zeros((), dtype=torch.float64, device=w.device)
     den = torch.zeros((), dtype=torch.float64, device=w.device)

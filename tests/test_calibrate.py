@@ -95,7 +95,8 @@ def test_whitening_factor_retries_with_more_damping_from_a_fresh_moment():
 
 
 def test_damped_factor_is_the_cholesky_of_the_damped_moment_in_its_storage():
-    """The in-place factor equals an out-of-place Cholesky bit for bit, and the ridge it reports is the one used."""
+    """The in-place factor equals an out-of-place Cholesky (to rounding: LAPACK may block a transposed view
+    differently on another CPU), and the ridge it reports is the one used."""
     from saten_core.calibrate import damped_factor
 
     x = torch.randn(300, 40, dtype=torch.float64)
@@ -104,7 +105,7 @@ def test_damped_factor_is_the_cholesky_of_the_damped_moment_in_its_storage():
     c = s.second_moment()
     assert ridge == pytest.approx(1e-2 * float(c.diagonal().mean()), rel=1e-12)
     want = torch.linalg.cholesky(c + ridge * torch.eye(40, dtype=torch.float64))
-    assert torch.equal(low, want)
+    torch.testing.assert_close(low, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(s.xtx, x.T @ x)  # the statistics themselves are untouched
 
 
@@ -118,6 +119,6 @@ def test_gram_slabs_sum_to_the_whole_product(monkeypatch):
     monkeypatch.setattr(cal, "GRAM_CHUNK", 37 * 5)  # 5 rows per slab, the last one short
     slabs = torch.zeros(37, 37, dtype=torch.float64)
     cal.accumulate_gram(slabs, x)
-    torch.testing.assert_close(slabs, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(slabs, whole, rtol=1e-5, atol=1e-4)  # float32 products: GEMM blocking differs by CPU
     cal.accumulate_gram(slabs, x)  # accumulates, never overwrites
-    torch.testing.assert_close(slabs, 2 * whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(slabs, 2 * whole, rtol=1e-5, atol=1e-4)

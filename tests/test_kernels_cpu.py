@@ -198,3 +198,22 @@ def test_prefill_scratch_serves_inference_mode_and_plain_calls_alike():
     with torch.inference_mode():
         first = cpu.prefill(x, rows, a, b)  # the scratch is created here
     assert torch.equal(cpu.prefill(x, rows, a, b), first)  # and reused outside inference mode
+
+
+def test_a_stale_build_baton_is_cleared_not_waited_on(tmp_path):
+    """A build killed mid-way leaves torch's `lock` file; the next load must clear it, not wait forever."""
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "kernels"
+    shutil.copytree(cpu.build_dir(), cache / cpu.build_dir().name)  # mtimes kept: ninja finds it up to date
+    (cache / cpu.build_dir().name / "lock").write_text("")
+    code = "from saten_core.kernels import cpu; print(cpu.build(verbose=False))"
+    env = {**__import__("os").environ, "SATEN_KERNEL_CACHE": str(cache)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the load waited on a stale build lock")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ISA_NAMES

@@ -8,6 +8,7 @@ The setup script builds it (`python -m saten_core build-kernels`), so tests and 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -44,13 +45,22 @@ def extension() -> ModuleType | None:
 
 
 def _build(verbose: bool) -> ModuleType:
+    """Build or load under our own flock, clearing a baton a killed builder left behind.
+
+    torch's FileBaton is a plain `lock` file: a build killed mid-way (a cancelled CI run, a SIGKILLed job) leaves
+    it, and every later `load` waits on it forever. An flock dies with its holder, so while we hold ours no live
+    builder of this folder exists and any `lock` file there is stale.
+    """
     from torch.utils.cpp_extension import load
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     name = "saten_cpu_" + folder.name.rsplit("-", 1)[1]
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(folder), verbose=verbose)
+    with open(folder / "saten-build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder), verbose=verbose)
 
 
 def build(verbose: bool = True) -> str:
