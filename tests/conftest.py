@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 REAL_HOME = Path(os.environ.get("SATEN_HOME", Path.home() / ".cache" / "saten-studio")).expanduser()
 
 
@@ -128,7 +129,7 @@ def saten_cli(*args: object, home: Path, timeout: int = 300):
 
     env = {**os.environ, "SATEN_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "saten_core", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
+                          env=env, cwd=REPO, timeout=timeout)
 
 
 def wait_for(predicate, timeout: float = 180.0, every: float = 0.02):
@@ -159,7 +160,7 @@ def kill_worker_at(job_id: int, stage: str, home: Path, before_kill=None) -> int
 
     env = {**os.environ, "SATEN_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "saten_core", "jobs", "worker", "--once"],
-                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         wait_for(lambda: store.get_job(job_id).stage == stage or proc.poll() is not None, every=0.01)

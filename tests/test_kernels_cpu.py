@@ -5,6 +5,10 @@ Run: .venv/bin/python -m pytest -q tests/test_kernels_cpu.py
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -202,15 +206,11 @@ def test_prefill_scratch_serves_inference_mode_and_plain_calls_alike():
 
 def test_a_stale_build_baton_is_cleared_not_waited_on(tmp_path):
     """A build killed mid-way leaves torch's `lock` file; the next load must clear it, not wait forever."""
-    import shutil
-    import subprocess
-    import sys
-
     cache = tmp_path / "kernels"
     shutil.copytree(cpu.build_dir(), cache / cpu.build_dir().name)  # mtimes kept: ninja finds it up to date
     (cache / cpu.build_dir().name / "lock").write_text("")
     code = "from saten_core.kernels import cpu; print(cpu.build(verbose=False))"
-    env = {**__import__("os").environ, "SATEN_KERNEL_CACHE": str(cache)}
+    env = {**os.environ, "SATEN_KERNEL_CACHE": str(cache)}
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
